@@ -1,0 +1,82 @@
+// vita_ext: every operator schema in one place, and the _C Python module with the build facts.
+//
+// Each op has a CPU kernel in csrc/cpu/<op>.cpp and a CUDA kernel in csrc/cuda/<op>.cu, registered
+// with TORCH_LIBRARY_IMPL for its dispatch key. Autograd and fake (meta) kernels are registered from
+// Python (vita_ext/ops/<op>.py). vita_ext/reference.py holds the pure-PyTorch specification of each.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef VITA_EXT_TORCH_VERSION
+#define VITA_EXT_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(vita_ext, m) {
+  // Pixel shuffle (scale 0.5, InternVL v2 order) + LayerNorm(4C) + Linear + exact GELU + Linear:
+  // x [N, L, C] (L = g*g patches, g even) -> y [N, L/4, D2]; b1 and b2 are optional biases.
+  m.def("pixel_shuffle_projector(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor w1, Tensor? b1, "
+        "Tensor w2, Tensor? b2, float eps) -> Tensor");
+  // Gradients of pixel_shuffle_projector w.r.t. (x, ln_weight, ln_bias, w1, b1, w2, b2); recomputes
+  // the LayerNorm and the first GEMM. db1/db2 are returned even when the forward had no bias.
+  m.def("pixel_shuffle_projector_backward(Tensor grad_y, Tensor x, Tensor ln_weight, Tensor ln_bias, "
+        "Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Logits for selected rows only: hidden_states [T, H], weight [V, H], positions [K] int64 -> [K, V].
+  m.def("masked_lm_head(Tensor hidden_states, Tensor weight, Tensor positions) -> Tensor");
+
+  // Cross-entropy of (hidden_states @ weight^T) against labels without materialising [T, V] logits;
+  // rows with label == ignore_index never reach the vocabulary GEMM. reduction: 'mean'|'sum'|'none'.
+  // Returns (loss fp32: [] or [T], lse fp32 [T], 0 at ignored rows) -- lse is kept for the backward.
+  m.def("masked_linear_cross_entropy(Tensor hidden_states, Tensor weight, Tensor labels, "
+        "int ignore_index, str reduction) -> (Tensor, Tensor)");
+  // Gradients w.r.t. (hidden_states, weight); grad_loss has the loss's shape. dW accumulates in fp32.
+  m.def("masked_linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden_states, Tensor weight, "
+        "Tensor labels, Tensor lse, int ignore_index, str reduction) -> (Tensor, Tensor)");
+
+  // Flash-style attention returning the log-sum-exp: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]
+  // -> (out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32). Causal masks are bottom-right aligned (query i
+  // sees keys j <= i + Sk - Sq). cu_seqlens [n+1] (B == 1, Sq == Sk) makes it block-diagonal.
+  m.def("attention_lse(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
+        "Tensor? cu_seqlens) -> (Tensor, Tensor)");
+  // Gradients w.r.t. (q, k, v) given out and lse (which may come from a larger, merged attention,
+  // as in ring attention). grad_lse is optional.
+  m.def("attention_lse_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+        "Tensor out, Tensor lse, bool causal, float softmax_scale, Tensor? cu_seqlens) "
+        "-> (Tensor, Tensor, Tensor)");
+
+  // In-place merge of a partial attention result (block_out, block_lse) into (out, lse), in fp32:
+  // lse' = logaddexp(lse, block_lse); out' = out * exp(lse - lse') + block_out * exp(block_lse - lse').
+  m.def("merge_attention_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, Tensor block_lse) -> ()");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef VITA_EXT_WITH_CUDA
+  info["cuda"] = true;
+  info["arch_list"] = std::string(VITA_EXT_ARCH_LIST);
+  info["cuda_version"] = std::string(VITA_EXT_CUDA_VERSION);
+  info["nvcc_version"] = std::string(VITA_EXT_NVCC_VERSION);
+#else
+  info["cuda"] = false;
+  info["arch_list"] = std::string("");
+  info["cuda_version"] = pybind11::none();
+  info["nvcc_version"] = pybind11::none();
+#endif
+  info["torch_version"] = std::string(VITA_EXT_TORCH_VERSION);
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "vita_ext compiled kernels; the ops live under torch.ops.vita_ext";
+  module.def("build_info", &build_info,
+             "Facts of this build: cuda (bool), arch_list, cuda_version, nvcc_version, torch_version");
+}

@@ -1,0 +1,37 @@
+"""Accuracy helpers: the project's rule is that a kernel's error against a float64 reference is at
+most twice the error of plain PyTorch doing the same computation at the kernel's dtype."""
+from __future__ import annotations
+
+import torch
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    diff = (x.double() - ref.double()).abs()
+    both_inf = torch.isinf(x.double()) & torch.isinf(ref.double()) & (torch.sign(x.double()) == torch.sign(ref.double()))
+    diff = torch.where(both_inf, torch.zeros_like(diff), diff)
+    return diff.max().item()
+
+
+def assert_2x_rule(ours: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, name: str = "output",
+                   factor: float = 2.0) -> None:
+    """err(ours) <= factor * err(plain) + one ulp of the reference's magnitude at ours' dtype.
+
+    ours: the op's result at its dtype; plain: the reference computed by PyTorch at that dtype;
+    ref64: the reference computed in float64. NaN never passes.
+    """
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(ours).any(), f"{name}: NaN in result"
+    e_ours, e_plain = max_err(ours, ref64), max_err(plain, ref64)
+    finite = ref64[torch.isfinite(ref64)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    dt = ours.dtype if ours.dtype.is_floating_point else torch.float32
+    floor = torch.finfo(dt).eps * scale
+    assert e_ours <= factor * e_plain + floor, (
+        f"{name}: error {e_ours:.3e} exceeds {factor}x PyTorch's {e_plain:.3e} (+ floor {floor:.1e}) at {dt}")
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
+    """Fresh standard-normal data (never zeros), made in float64 then cast, so every dtype sees the same values."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)

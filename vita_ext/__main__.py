@@ -1,0 +1,3 @@
+from vita_ext.cli import main
+
+raise SystemExit(main())

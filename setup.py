@@ -58,6 +58,24 @@ def _pip_cuda_include_dirs():
     return list(dict.fromkeys(dirs))
 
 
+def _cublas_link_args():
+    """Link cuBLAS/cuBLASLt (the kernels call cublasGemmEx for fp32-output GEMMs). A bare toolkit may
+    lack them; torch's wheel then brings them as nvidia-cublas, and at run time the copy torch already
+    loaded (same soname) is the one used."""
+    lib64 = os.path.join(cpp_extension.CUDA_HOME, "lib64")
+    if os.path.exists(os.path.join(lib64, "libcublas.so")):
+        return ["-L" + lib64, "-lcublas", "-lcublasLt"]
+    for site in sys.path:
+        for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib"))):
+            blas = sorted(glob.glob(os.path.join(d, "libcublas.so.*")))
+            blas_lt = sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")))
+            if blas and blas_lt:
+                return ["-L" + d, "-Wl,-rpath," + d, "-l:" + os.path.basename(blas[0]),
+                        "-l:" + os.path.basename(blas_lt[0])]
+    raise RuntimeError("vita_ext: cuBLAS not found (neither $CUDA_HOME/lib64/libcublas.so nor torch's nvidia-cublas "
+                       "package); install the CUDA toolkit's cuBLAS or build CPU-only with VITA_EXT_CPU_ONLY=1")
+
+
 def make_extension():
     with_cuda, why_not = _want_cuda()
     cpp_sources = ["csrc/vita_ext.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -82,10 +100,12 @@ def make_extension():
         ext_cls = cpp_extension.CUDAExtension
         sources = cpp_sources + cu_sources
         extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+        link_args = _cublas_link_args()
     else:
         ext_cls = cpp_extension.CppExtension
         sources = cpp_sources
         extra = {"cxx": cxx_flags}
+        link_args = []
     print("vita_ext build configuration:", flush=True)
     print(f"  torch           {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"  kernels         {'CPU + CUDA' if with_cuda else 'CPU only (' + why_not + ')'}")
@@ -95,7 +115,7 @@ def make_extension():
     print(f"  MAX_JOBS        {os.environ.get('MAX_JOBS', 'unset (ninja default)')}")
     print(f"  sources         {len(sources)} files", flush=True)
     return ext_cls(name="vita_ext._C", sources=sources, include_dirs=include_dirs,
-                   define_macros=define_macros, extra_compile_args=extra)
+                   define_macros=define_macros, extra_compile_args=extra, extra_link_args=link_args)
 
 
 setup(

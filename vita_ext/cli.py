@@ -1,0 +1,158 @@
+"""The ``vita-ext`` command line (also ``python -m vita_ext``).
+
+    vita-ext generate [--model DIR] [--image PATH ...] [--video PATH ...] --prompt TEXT [...]
+    vita-ext random-checkpoint DIR [--preset tiny|long-vita-14b] [--dtype bfloat16] [...]
+
+Errors a user can fix (a missing file, an unreadable image, a tag/media mismatch, a bad setting)
+print one line and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+USER_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+
+
+def _log(msg: str) -> None:
+    print(f"[vita-ext] {msg}", file=sys.stderr, flush=True)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available")
+    return device
+
+
+def _dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _load(args, device: torch.device, dtype: torch.dtype):
+    from vita_ext.generation import GenerationConfig
+    from vita_ext.model.long_vita import LongVITAForCausalLM
+    from vita_ext.processing import LongVITAProcessor
+
+    if args.model is None:
+        from vita_ext.model.default import default_model
+
+        model, processor, gen_cfg, label = default_model(dtype=dtype, device=device)
+        _log(label)
+        return model, processor, gen_cfg
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such checkpoint directory")
+    model = LongVITAForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    return model, LongVITAProcessor.from_pretrained(args.model), GenerationConfig.from_pretrained(args.model)
+
+
+def cmd_generate(args) -> int:
+    from vita_ext.generation import generate
+    from vita_ext.processing import insert_media_tags
+
+    for path in args.image + args.video:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such file: {path}")
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    model, processor, gen_cfg = _load(args, device, dtype)
+    prompt = insert_media_tags(args.prompt, len(args.image), len(args.video))
+    inputs = processor(prompt, images=args.image or None, videos=args.video or None, max_frames=args.max_frames,
+                       max_tiles=args.max_tiles)
+    stream = processor.tokenizer.stream_decoder(skip_special_tokens=True)
+
+    def on_token(token: int) -> None:
+        piece = stream.step(token)
+        if piece:
+            print(piece, end="", flush=True)
+
+    overrides = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    if args.temperature is not None:
+        overrides["do_sample"] = args.temperature > 0
+    out = generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["context_positions"],
+                   generation_config=gen_cfg, seed=args.seed, streamer=on_token,
+                   progress=inputs["pixel_values"].shape[0] > 8, **overrides)
+    tail = stream.flush()
+    print(tail if tail else "", flush=True)
+    n_new = out.sequences.shape[1]
+    _log(f"prompt tokens: {out.prompt_tokens} ({inputs['pixel_values'].shape[0]} tiles) | "
+         f"vision encode: {out.vision_seconds:.3f} s | prefill: {out.prefill_seconds:.3f} s | "
+         f"decode: {n_new} tokens, {out.decode_tokens_per_second:.1f} tokens/s | "
+         f"peak memory: {out.peak_memory_bytes / 2**20:.0f} MiB ({device.type})")
+    return 0
+
+
+def cmd_random_checkpoint(args) -> int:
+    from vita_ext.model.checkpoint import write_random_checkpoint
+    from vita_ext.model.config import LongVITAConfig
+    from vita_ext.model.presets import PRESETS
+
+    if args.config:
+        config = LongVITAConfig.from_pretrained(args.config)
+    else:
+        config = PRESETS[args.preset]()
+    if args.layers is not None:
+        config.text.num_hidden_layers = args.layers
+    dtype = _dtype(args.dtype, torch.device("cpu"))
+    path = write_random_checkpoint(args.out, config, dtype=dtype, seed=args.seed,
+                                   max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    _log(f"wrote a random-weight checkpoint ({args.preset if not args.config else args.config}, {dtype}) to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vita-ext", description="Long-VITA inference and training with vita_ext kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt about images / a video")
+    g.add_argument("--model", help="checkpoint directory (HF release layout); default: the embedded tiny model")
+    g.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    g.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video file, animated GIF or directory of frames (repeatable)")
+    g.add_argument("--prompt", required=True, help="the question; <image>/<video> tags place the media")
+    g.add_argument("--max-frames", type=int, default=None, help="frames sampled per video (default 128)")
+    g.add_argument("--max-tiles", type=int, default=None, help="448-px tiles per image (default 12)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("random-checkpoint", help="write a seeded random-weight checkpoint in the release layout")
+    r.add_argument("out", help="output directory")
+    r.add_argument("--preset", default="tiny", choices=["tiny", "long-vita-14b"])
+    r.add_argument("--config", default=None, help="a config.json to use instead of a preset")
+    r.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    r.add_argument("--dtype", default="bfloat16")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-shard-gb", type=float, default=4.0)
+    r.set_defaults(func=cmd_random_checkpoint)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"vita-ext: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nvita-ext: interrupted", file=sys.stderr)
+        return 130

@@ -64,7 +64,13 @@ def cmd_generate(args) -> int:
     for path in args.image + args.video:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path}")
-    device = _device(args.device)
+    if args.context_parallel:
+        from vita_ext.parallel import init_distributed
+
+        device = init_distributed(args.cp_timeout)
+        is_main = torch.distributed.get_rank() == 0
+    else:
+        device, is_main = _device(args.device), True
     dtype = _dtype(args.dtype, device)
     model, processor, gen_cfg = _load(args, device, dtype)
     prompt = insert_media_tags(args.prompt, len(args.image), len(args.video))
@@ -74,19 +80,29 @@ def cmd_generate(args) -> int:
 
     def on_token(token: int) -> None:
         piece = stream.step(token)
-        if piece:
+        if piece and is_main:
             print(piece, end="", flush=True)
 
     overrides = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                      top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     if args.temperature is not None:
         overrides["do_sample"] = args.temperature > 0
-    out = generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["context_positions"],
-                   generation_config=gen_cfg, seed=args.seed, streamer=on_token,
-                   progress=inputs["pixel_values"].shape[0] > 8, **overrides)
+    if args.context_parallel:
+        from vita_ext.parallel import cp_generate
+
+        out = cp_generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["context_positions"],
+                          generation_config=gen_cfg, seed=args.seed, streamer=on_token, **overrides)
+    else:
+        out = generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["context_positions"],
+                       generation_config=gen_cfg, seed=args.seed, streamer=on_token,
+                       progress=inputs["pixel_values"].shape[0] > 8, **overrides)
     tail = stream.flush()
+    if not is_main:
+        return 0
     print(tail if tail else "", flush=True)
     n_new = out.sequences.shape[1]
+    if args.context_parallel:
+        _log(f"context parallel: {out.extra['world_size']} ranks, KV cache rows per rank {out.extra['cache_rows']}")
     _log(f"prompt tokens: {out.prompt_tokens} ({inputs['pixel_values'].shape[0]} tiles) | "
          f"vision encode: {out.vision_seconds:.3f} s | prefill: {out.prefill_seconds:.3f} s | "
          f"decode: {n_new} tokens, {out.decode_tokens_per_second:.1f} tokens/s | "
@@ -132,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    g.add_argument("--context-parallel", action="store_true",
+                   help="shard the prompt over the ranks of torchrun (ring attention, sharded KV cache)")
+    g.add_argument("--cp-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("random-checkpoint", help="write a seeded random-weight checkpoint in the release layout")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Iterator, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import torch
 from PIL import Image, ImageSequence
@@ -180,14 +180,9 @@ class VideoSource:
             for i in self.indices:
                 yield load_image(self._files[i])
         elif self.kind == "gif":
-            wanted = set(self.indices)
             try:
                 with Image.open(self.path) as im:
-                    for i, frame in enumerate(ImageSequence.Iterator(im)):
-                        if i in wanted:
-                            yield frame.convert("RGB")
-                        if i >= self.indices[-1]:
-                            break
+                    yield from _pick(ImageSequence.Iterator(im), self.indices, lambda f: f.convert("RGB"))
             except (OSError, SyntaxError) as e:
                 raise self._error(e) from e
         else:
@@ -196,20 +191,32 @@ class VideoSource:
     def _decode_file(self) -> Iterator[Image.Image]:
         import av
 
-        targets = iter(self.indices)
-        want = next(targets, None)
         with self._open() as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             try:
-                for i, frame in enumerate(container.decode(stream)):
-                    if i == want:
-                        yield frame.to_image()
-                        want = next(targets, None)
-                        if want is None:
-                            break
+                yield from _pick(container.decode(stream), self.indices, lambda f: f.to_image())
             except av.FFmpegError as e:
                 raise self._error(e) from e
+
+
+def _pick(frames: Iterable, indices: Sequence[int], convert) -> Iterator[Image.Image]:
+    """From a sequential frame iterator, yield convert(frame) for each of the ascending `indices`.
+
+    A repeated index (step < 1: a video slower than max_fps) yields the same image object again, as
+    Long-VITA repeats such frames. Stops reading after the last index."""
+    if not indices:
+        return
+    k = 0
+    for i, frame in enumerate(frames):
+        if i < indices[k]:
+            continue
+        image = convert(frame)
+        while k < len(indices) and indices[k] == i:
+            yield image
+            k += 1
+        if k == len(indices):
+            return
 
 
 def load_video_frames(video: VideoLike, max_frames: int, max_fps: float = 1.0,

@@ -170,13 +170,22 @@ def _layout(tok, T, grid=None, frames=None):
     return ids
 
 
-def _check_positions(tok, out):
+def _check_positions(tok, out, T):
+    """context_positions: every CONTEXT token, ascending; tile k owns one contiguous run of T of them,
+    framed by the matching start/end tokens."""
     ids, pos = out["input_ids"][0], out["context_positions"]
-    assert pos.dtype == torch.long and pos.shape == (out["pixel_values"].shape[0] * (pos.numel() // max(
-        1, out["pixel_values"].shape[0])),)
-    assert torch.all(pos[1:] > pos[:-1])
+    tiles = out["pixel_values"].shape[0]
+    assert pos.dtype == torch.long and pos.shape == (tiles * T,)
     is_ctx = torch.isin(ids, torch.tensor(tok.context_token_ids))
     assert torch.equal(torch.nonzero(is_ctx).flatten(), pos)
+    frame = {tok.img_context_id: (tok.img_start_id, tok.img_end_id),
+             tok.patch_context_id: (tok.patch_start_id, tok.patch_end_id),
+             tok.vid_context_id: (tok.vid_start_id, tok.vid_end_id)}
+    for k in range(tiles):
+        run = pos[k * T:(k + 1) * T]
+        assert torch.equal(run, torch.arange(run[0], run[0] + T))
+        ctx = int(ids[run[0]])
+        assert (ids[run] == ctx).all() and (int(ids[run[0] - 1]), int(ids[run[-1] + 1])) == frame[ctx]
 
 
 def test_expand_one_tile_and_seven_tiles(tok, tiny):
@@ -189,7 +198,7 @@ def test_expand_one_tile_and_seven_tiles(tok, tiny):
     assert seven["input_ids"][0].tolist() == head + _layout(tok, T, grid=(3, 2)) + tail
     assert seven["pixel_values"].shape == (7, 3, 56, 56)
     for out in (one, seven):
-        _check_positions(tok, out)
+        _check_positions(tok, out, T)
         assert out["context_positions"].numel() == out["pixel_values"].shape[0] * T
 
 
@@ -203,7 +212,7 @@ def test_expand_two_images_and_video_in_text_order(tok, tiny):
             + tok.encode("<|im_end|>\n<|im_start|>assistant\n"))
     assert out["input_ids"][0].tolist() == want
     assert out["pixel_values"].shape == (12 + 7 + 1, 3, 56, 56)
-    _check_positions(tok, out)
+    _check_positions(tok, out, T)
     assert torch.equal(out["pixel_values"][:12], video_frames_to_tensor(frames, 56))
     assert torch.equal(out["pixel_values"][12:19], image_to_tensor(imgs[0], 56)[0])
     assert torch.equal(out["pixel_values"][19:], image_to_tensor(imgs[1], 56)[0])
@@ -219,7 +228,7 @@ def test_expand_256_tokens_per_tile(tok, proc):
     assert ids.count(tok.img_context_id) == 256 and ids.count(tok.patch_context_id) == 6 * 256
     assert ids.count(tok.patch_start_id) == ids.count(tok.patch_end_id) == 6
     assert ids.count(198) == 2 + 4  # two grid rows + "user\n", "<image>\n", "<|im_end|>\n", "assistant\n"
-    _check_positions(tok, out)
+    _check_positions(tok, out, 256)
     assert torch.equal(out["pixel_values"], image_to_tensor(photo("coffee"))[0])
 
 
@@ -398,7 +407,7 @@ def test_processor_video_file_and_image_path(tok, tiny, mp4, tmp_path):
     ids = out["input_ids"][0].tolist()
     assert ids.count(tok.vid_start_id) == 4 and ids.count(tok.vid_context_id) == 4 * 4
     assert out["pixel_values"].shape == (7 + 4, 3, 56, 56)
-    _check_positions(tok, out)
+    _check_positions(tok, out, 4)
     assert torch.equal(out["pixel_values"][7:], video_to_tensor(mp4, 128, image_size=56))
     fewer = tiny("<video>", videos=[str(mp4)], max_frames=2)
     assert fewer["pixel_values"].shape[0] == 2  # step = max(10, 40 / 3): indices 0, 13

@@ -19,7 +19,7 @@ from .image import (ImageLike, candidate_grids, closest_grid, dynamic_tiles, loa
                     normalize_tile, prepare_tile)
 from .prompt import (IGNORE_INDEX, MediaSpec, apply_chat_template, chat_segments, check_tag_counts,
                      expand_media_tokens, find_media_tags, tokens_per_tile)
-from .tokenizer import LongVITATokenizer, default_tokenizer_path
+from .tokenizer import LongVITATokenizer
 from .video import VideoLike, VideoSource
 
 
@@ -59,8 +59,7 @@ class LongVITAProcessor:
     def __init__(self, tokenizer: LongVITATokenizer | None = None, image_size: int = 448, patch_size: int = 14,
                  max_tiles: int = 12, max_frames: int = 128, max_fps: float = 1.0, min_tiles: int = 1,
                  pixel_dtype: torch.dtype = torch.float32, progress: bool = False):
-        self.tokenizer = tokenizer if tokenizer is not None else LongVITATokenizer.from_pretrained(
-            default_tokenizer_path())
+        self.tokenizer = tokenizer if tokenizer is not None else LongVITATokenizer.default()
         self.image_size, self.patch_size = int(image_size), int(patch_size)
         self.tokens_per_tile = tokens_per_tile(self.image_size, self.patch_size)
         self.max_tiles, self.min_tiles = int(max_tiles), int(min_tiles)
@@ -80,7 +79,7 @@ class LongVITAProcessor:
                 kwargs["tokenizer"] = LongVITATokenizer.from_pretrained(path)
             except FileNotFoundError:
                 warnings.warn(f"{path} has no tokenizer files; using the packaged Qwen2.5 tokenizer")
-                kwargs["tokenizer"] = LongVITATokenizer.from_pretrained(default_tokenizer_path())
+                kwargs["tokenizer"] = LongVITATokenizer.default()
         config_path = os.path.join(path, "config.json")
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as f:

@@ -6,6 +6,7 @@ No transformers at run time.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -201,6 +202,12 @@ class LongVITATokenizer:
                     added.append((tid, content, bool(fields.get("special", True))))
         return cls(vocab, merges, added)
 
+    @classmethod
+    def default(cls) -> "LongVITATokenizer":
+        """The packaged Qwen2.5 + Long-VITA tokenizer, loaded once per process and shared (do not
+        modify its backend)."""
+        return _load_default()
+
     def save_pretrained(self, directory: str | os.PathLike, tokenizer_json: bool = False) -> None:
         """Write vocab.json, merges.txt (no header, LF) and tokenizer_config.json (HF layout: Qwen2.5's 22
         added tokens + Long-VITA's 17, ChatML template without a system prompt) into `directory`
@@ -280,6 +287,11 @@ class LongVITATokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+@functools.lru_cache(maxsize=1)
+def _load_default() -> LongVITATokenizer:
+    return LongVITATokenizer.from_pretrained(default_tokenizer_path())
 
 
 class StreamingDetokenizer:

@@ -14,6 +14,7 @@ import re
 import warnings
 from typing import Iterable, Iterator, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image, ImageSequence
 from tqdm import tqdm
@@ -52,8 +53,11 @@ def natural_key(text: str) -> list:
 
 
 def _is_gif(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(6) in (b"GIF87a", b"GIF89a")
+    try:
+        with open(path, "rb") as f:
+            return f.read(6) in (b"GIF87a", b"GIF89a")
+    except OSError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from e
 
 
 class VideoSource:
@@ -61,7 +65,7 @@ class VideoSource:
 
     source: a video file (anything FFmpeg reads), an animated GIF, a directory of png/jpg/jpeg frames
     (searched recursively, natural sort of the paths), or a list of PIL frames (sampled with the frame
-    directory rule, i.e. kept as is when there are at most max_frames).
+    directory rule, i.e. kept as is when there are at most max_frames; uint8 HWC RGB arrays also work).
     Attributes: kind ("file" | "gif" | "dir" | "frames"), n_frames, fps (None for dir/frames),
     indices (list[int]); len() = number of sampled frames.
     Raises FileNotFoundError (missing path), ValueError("cannot read video <path>: <reason>")
@@ -175,7 +179,8 @@ class VideoSource:
     def _iter_frames(self) -> Iterator[Image.Image]:
         if self.kind == "frames":
             for i in self.indices:
-                yield self._frames[i].convert("RGB")
+                frame = self._frames[i]
+                yield (Image.fromarray(frame) if isinstance(frame, np.ndarray) else frame).convert("RGB")
         elif self.kind == "dir":
             for i in self.indices:
                 yield load_image(self._files[i])

@@ -497,3 +497,28 @@ def test_processor_errors(tiny, tmp_path):
         tiny("<image>", images=[tmp_path / "gone.png"])
     with pytest.raises(FileNotFoundError, match="gone.mp4"):
         tiny("<video>", videos=[tmp_path / "gone.mp4"])
+
+
+def test_expanded_length(tok):
+    from vita_ext.processing.prompt import expanded_length
+
+    ids = tok.encode("a<image>b<video>c<image>")
+    media = [MediaSpec("image", 7, (3, 2)), MediaSpec("video", 5), MediaSpec("image", 1, (1, 1))]
+    for T in (4, 256):
+        want = len(expand_media_tokens(ids, media, tok, T).input_ids)
+        assert expanded_length(ids, media, T, tok.image_token_id, tok.video_token_id) == want
+
+
+def test_default_tokenizer_is_shared():
+    assert LongVITATokenizer.default() is LongVITATokenizer.default()
+    assert LongVITAProcessor().tokenizer is LongVITATokenizer.default()
+
+
+def test_vision_tokens_in_assistant_are_unsupervised(tok, tiny):
+    messages = [{"role": "user", "content": "Draw."}, {"role": "assistant", "content": "Here <image> done"}]
+    out = tiny.encode_conversation(messages, images=[photo("coffee")])
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    runs = _runs((labels != -100).tolist())
+    assert [tok.decode(ids[a:b].tolist()) for a, b in runs] == ["Here ", " done<|im_end|>\n"]
+    vision = ids[runs[0][1]:runs[1][0]]
+    assert vision[0] == tok.img_start_id and vision[-1] == tok.patch_end_id and len(vision) == 2 + 4 + 2 * (1 + 3 * 6)

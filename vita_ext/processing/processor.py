@@ -17,8 +17,8 @@ from PIL import Image
 
 from .image import (ImageLike, candidate_grids, closest_grid, dynamic_tiles, load_image, normalize,
                     normalize_tile, prepare_tile)
-from .prompt import (IGNORE_INDEX, MediaSpec, apply_chat_template, chat_segments, check_tag_counts,
-                     expand_media_tokens, find_media_tags, tokens_per_tile)
+from .prompt import (IGNORE_INDEX, MediaSpec, apply_chat_template, chat_segments, check_no_vision_tokens,
+                     check_tag_counts, expand_media_tokens, find_media_tags, tokens_per_tile)
 from .tokenizer import LongVITATokenizer
 from .video import VideoLike, VideoSource
 
@@ -154,6 +154,7 @@ class LongVITAProcessor:
             if isinstance(v, Image.Image):
                 raise ValueError(f"videos[{k}]: expected a path or a list of PIL frames, received one PIL "
                                  f"image (put the frames of one video in a list)")
+        check_no_vision_tokens(ids, self.tokenizer)  # before any decoding work
         kinds = find_media_tags(ids, self.tokenizer.image_token_id, self.tokenizer.video_token_id)
         check_tag_counts(kinds, len(images), len(videos))
         max_frames = self.max_frames if max_frames is None else int(max_frames)

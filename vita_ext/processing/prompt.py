@@ -99,6 +99,18 @@ def check_tag_counts(kinds: Sequence[str], n_images: int, n_videos: int) -> None
         raise ValueError(f"the text has {tags_v} <video> tag(s) but {n_videos} video(s) were given")
 
 
+def check_no_vision_tokens(ids: Iterable[int], tokenizer) -> None:
+    """Raise ValueError if the text already holds vision tokens (<img>, <IMG_CONTEXT>, <patch>, ...):
+    they are produced only by expansion, and stray CONTEXT tokens would receive no features."""
+    t = tokenizer
+    reserved = {t.img_start_id, t.img_end_id, t.img_context_id, t.vid_start_id, t.vid_end_id,
+                t.vid_context_id, t.patch_start_id, t.patch_end_id, t.patch_context_id}
+    bad = reserved.intersection(ids)
+    if bad:
+        names = sorted(t.id_to_token(i) for i in bad)
+        raise ValueError(f"the text contains reserved vision token(s) {names}; write <image>/<video> instead")
+
+
 def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenizer, tokens_per_tile: int,
                         labels: Sequence[int] | None = None) -> Expanded:
     """Replace each <image>/<video> token in `ids` by its vision tokens (layout in the module docstring).
@@ -108,12 +120,7 @@ def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenize
     Returns Expanded(input_ids, context_positions, labels). Raises ValueError when tags and media do not
     match, or when the text itself holds a CONTEXT/start/end vision token (they are reserved)."""
     t = tokenizer
-    reserved = {t.img_start_id, t.img_end_id, t.img_context_id, t.vid_start_id, t.vid_end_id,
-                t.vid_context_id, t.patch_start_id, t.patch_end_id, t.patch_context_id}
-    bad = reserved.intersection(ids)
-    if bad:
-        names = sorted(t.id_to_token(i) for i in bad)
-        raise ValueError(f"the text contains reserved vision token(s) {names}; write <image>/<video> instead")
+    check_no_vision_tokens(ids, t)
     kinds = find_media_tags(ids, t.image_token_id, t.video_token_id)
     if [m.kind for m in media] != kinds:
         raise ValueError(f"media kinds {[m.kind for m in media]} do not match the tags in the text {kinds}")
@@ -124,7 +131,7 @@ def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenize
     out_labels: list[int] | None = [] if labels is not None else None
     positions: list[int] = []
 
-    def block(start: int, context: int, end: int) -> None:
+    def _block(start: int, context: int, end: int) -> None:
         out_ids.append(start)
         positions.extend(range(len(out_ids), len(out_ids) + T))
         out_ids.extend([context] * T)
@@ -140,7 +147,7 @@ def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenize
         spec, before = media[k], len(out_ids)
         k += 1
         if spec.kind == "image":
-            block(t.img_start_id, t.img_context_id, t.img_end_id)
+            _block(t.img_start_id, t.img_context_id, t.img_end_id)
             if spec.n_tiles > 1:
                 cols, rows = spec.grid
                 if spec.n_tiles != cols * rows + 1:
@@ -149,10 +156,10 @@ def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenize
                 for _ in range(rows):
                     out_ids.append(t.newline_id)
                     for _ in range(cols):
-                        block(t.patch_start_id, t.patch_context_id, t.patch_end_id)
+                        _block(t.patch_start_id, t.patch_context_id, t.patch_end_id)
         else:
             for _ in range(spec.n_tiles):
-                block(t.vid_start_id, t.vid_context_id, t.vid_end_id)
+                _block(t.vid_start_id, t.vid_context_id, t.vid_end_id)
         if out_labels is not None:
             out_labels.extend([IGNORE_INDEX] * (len(out_ids) - before))
     return Expanded(out_ids, positions, out_labels)

@@ -76,10 +76,10 @@ def cmd_generate(args) -> int:
     prompt = insert_media_tags(args.prompt, len(args.image), len(args.video))
     inputs = processor(prompt, images=args.image or None, videos=args.video or None, max_frames=args.max_frames,
                        max_tiles=args.max_tiles)
-    stream = processor.tokenizer.stream_decoder(skip_special_tokens=True)
+    stream = processor.tokenizer.stream(skip_special_tokens=True)
 
     def on_token(token: int) -> None:
-        piece = stream.step(token)
+        piece = stream.put(token)
         if piece and is_main:
             print(piece, end="", flush=True)
 
@@ -96,7 +96,7 @@ def cmd_generate(args) -> int:
         out = generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["context_positions"],
                        generation_config=gen_cfg, seed=args.seed, streamer=on_token,
                        progress=inputs["pixel_values"].shape[0] > 8, **overrides)
-    tail = stream.flush()
+    tail = stream.finish()
     if not is_main:
         return 0
     print(tail if tail else "", flush=True)

@@ -13,10 +13,10 @@ def default_model(dtype: torch.dtype = torch.float32, device: torch.device | str
     from vita_ext.generation import GenerationConfig
     from vita_ext.model.long_vita import LongVITAForCausalLM
     from vita_ext.model.presets import tiny
-    from vita_ext.processing import LongVITAProcessor, LongVITATokenizer, default_tokenizer_path
+    from vita_ext.processing import LongVITAProcessor, LongVITATokenizer
 
     config = tiny()
     model = LongVITAForCausalLM.random(config, seed=DEFAULT_SEED, dtype=dtype, device=device)
-    processor = LongVITAProcessor(LongVITATokenizer.from_pretrained(default_tokenizer_path()),
+    processor = LongVITAProcessor(LongVITATokenizer.default(),
                                   image_size=config.vision.image_size, patch_size=config.vision.patch_size)
     return model, processor, GenerationConfig().updated(max_new_tokens=32), RANDOM_LABEL

@@ -161,19 +161,28 @@ def test_backward(device, dtype, shape, bias):
         assert_2x_rule(ours[k], plain[k], ref64[k], name=f"d{k}")
 
 
-def test_backward_non_contiguous(device):
+@pytest.mark.parametrize("layout", ["cls_slice", "transposed", "channel_strided"])
+def test_backward_non_contiguous(device, layout):
     n, g, c, d1, d2 = 2, 4, 8, 12, 10
     inp = make_inputs(n, g, c, d1, d2, device=device)
-    full = rand(n, g * g + 1, c, dtype=torch.float64, device=device)
-    inp["x"] = full[:, 1:, :]
     gy = rand(n, g * g // 4, d2, dtype=torch.float64, device=device)
-    leaves = {k: v.detach().clone() for k, v in inp.items()}
-    x_full = full.clone().requires_grad_(True)
-    leaves["x"] = x_full[:, 1:, :]
-    run_op(leaves).backward(gy)
     ref = grads(run_ref, inp, gy)
-    torch.testing.assert_close(x_full.grad[:, 1:, :], ref["x"], rtol=1e-9, atol=1e-9)
-    assert torch.count_nonzero(x_full.grad[:, 0, :]) == 0
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+    if layout == "cls_slice":  # the model's call: grads flow back into the ViT output, CLS row untouched
+        full = torch.cat([rand(n, 1, c, dtype=torch.float64, device=device), inp["x"]], dim=1).requires_grad_(True)
+        leaves["x"] = full[:, 1:, :]
+    else:
+        leaves["x"] = non_contiguous_like(inp["x"], layout).detach().requires_grad_(True)
+    assert not leaves["x"].is_contiguous()
+    run_op(leaves).backward(gy)
+    if layout == "cls_slice":
+        dx = full.grad[:, 1:, :]
+        assert torch.count_nonzero(full.grad[:, 0, :]) == 0
+    else:
+        dx = leaves["x"].grad
+    torch.testing.assert_close(dx, ref["x"], rtol=1e-9, atol=1e-9)
+    for k in ("ln_weight", "w1", "b2"):
+        torch.testing.assert_close(leaves[k].grad, ref[k], rtol=1e-9, atol=1e-9)
 
 
 def test_backward_op_returns_seven(device):
@@ -209,8 +218,11 @@ def test_gradcheck(bias):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_forward(device, requires_grad, bias):
+@pytest.mark.parametrize("layout", ["contiguous", "cls_slice"])
+def test_opcheck_forward(device, requires_grad, bias, layout):
     inp = make_inputs(3, 4, 8, 12, 10, dtype=torch.float32, device=device, bias=bias)
+    if layout == "cls_slice":
+        inp["x"] = non_contiguous_like(inp["x"], layout)
     if requires_grad:
         inp = {k: v.requires_grad_(True) if v is not None else None for k, v in inp.items()}
     torch.library.opcheck(OP.default, op_args(inp))

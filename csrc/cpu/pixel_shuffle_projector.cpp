@@ -13,7 +13,8 @@
 // to the four runs of x's (unshuffled) layout. Parameter gradients accumulate in fp32 across chunks.
 //
 // Cost, M = N*L/4 rows, K = 4C: forward 2*M*(K*D1 + D1*D2) FLOPs, reads x once (M*K elements) and
-// the weights, writes M*D2; backward ~3x the forward's GEMM FLOPs (recompute + 4 GEMMs) plus O(M*K).
+// the weights, writes M*D2; backward 2*M*(3*K*D1 + 2*D1*D2) FLOPs (h recompute, dW1, dxn; dW2, dg)
+// plus O(M*(K + D1)) elementwise work.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

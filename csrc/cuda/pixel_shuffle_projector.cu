@@ -1,0 +1,602 @@
+// pixel_shuffle_projector on CUDA: y = gelu(layer_norm(pixel_shuffle(x)) @ w1^T + b1) @ w2^T + b2.
+//
+// NOTE for the first GPU session. Verify first: python_tests/test_pixel_shuffle_projector.py on
+// cuda (forward, backward, opcheck, non-contiguous x), in particular the vectorised LayerNorm path
+// (C % 8 == 0 with aligned strides: Long-VITA's C = 1024, slice vit_out[:, 1:, :]) and the scalar
+// fallback (C = 3 in test_pixel_shuffle_order). Then measure on [64, 1024, 1024] bf16 against the
+// reference (torch.compile'd and eager). Issue-4 tuning would try: the GELU (and b1) as the epilogue
+// of GEMM1 (cuBLASLt CUBLASLT_EPILOGUE_GELU_BIAS or a custom kernel) so h1 never goes to memory in
+// fp32; b2 as a cuBLASLt bias epilogue instead of pre-filling y; the LayerNorm row kept in registers
+// (one read of x instead of three); larger chunks or none (kChunkRows); in the backward, fusing
+// gelu' into the dg GEMM epilogue and the dln_* column sums into the LayerNorm-backward kernel.
+//
+// Algorithm (forward, per chunk of kChunkRows shuffled rows):
+//   1. shuffle_layernorm: one warp per shuffled row reads its four C-long runs straight from x
+//      (16-byte loads when aligned), fp32 mean/variance (two passes over the row, third pass writes),
+//      writes xn in x's dtype. This is the GEMM operand; the shuffled raw x is never written.
+//   2. h1 = xn @ w1^T            cublasGemmEx, x-dtype operands, fp32 output and compute.
+//   3. bias_gelu: g = gelu_erf(h1 + b1) in x's dtype.
+//   4. y = g @ w2^T (+ b2)       cublasGemmEx, output in x's dtype (b2 pre-filled, beta = 1).
+// Backward (per chunk, recomputing xn and h1 from the inputs): dW2 += dy^T g, db2 += colsum(dy),
+// dg = dy w2 (fp32), dh = dg * gelu'(h1 + b1), dW1 += dh^T xn, db1 += colsum(dh), dxn = dh w1 (fp32),
+// dln_weight += colsum(dxn * xhat), dln_bias += colsum(dxn) (per-slab partials then an ordered
+// second pass: deterministic, no atomics), and layernorm_backward_unshuffle writes
+// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dxn * ln_weight, into the
+// four runs of x's layout (runs of different rows are disjoint: no races).
+//
+// Cost, M = N*L/4 rows, K = 4C: forward 2*M*(K*D1 + D1*D2) FLOPs. DRAM bytes at bf16: x 2*M*K (read
+// three times, the 2nd and 3rd mostly from L1/L2), xn 2*2*M*K (written, read), h1 2*4*M*D1 (fp32),
+// g 2*2*M*D1, y 2*M*D2, plus the weights once per chunk.
+// Backward 2*M*(3*K*D1 + 2*D1*D2) FLOPs (h1 recompute, dW1, dxn; dW2, dg): ~2.5x the forward's,
+// plus O(M*(K + D1)) fp32 traffic (dxn, dg, h1).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include "pixel_shuffle_projector.h"
+
+namespace vita_ext {
+namespace {
+
+constexpr int64_t kChunkRows = 8192;  // fp32 temporaries per chunk: rows * (K + 2*D1) * 4 bytes
+constexpr int kWarpsPerBlock = 4;     // LayerNorm kernels: one warp per shuffled row
+constexpr int kColTile = 32;          // column sums: 32 columns x 8 row-threads per block
+constexpr int kRowThreads = 8;
+constexpr int kSlabRows = 128;        // rows per partial sum
+constexpr int kEltThreads = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float erf_(float v) { return erff(v); }
+__device__ __forceinline__ double erf_(double v) { return erf(v); }
+__device__ __forceinline__ float exp_(float v) { return expf(v); }
+__device__ __forceinline__ double exp_(double v) { return exp(v); }
+__device__ __forceinline__ float rsqrt_(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double rsqrt_(double v) { return rsqrt(v); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t gelu_erf(acc_t v) {
+  return acc_t(0.5) * v * (acc_t(1) + erf_(v * acc_t(0.70710678118654752440)));
+}
+
+// d gelu(v) / dv = Phi(v) + v * phi(v).
+template <typename acc_t>
+__device__ __forceinline__ acc_t gelu_erf_grad(acc_t v) {
+  const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_(v * acc_t(0.70710678118654752440)));
+  const acc_t pdf = exp_(acc_t(-0.5) * v * v) * acc_t(0.39894228040143267794);
+  return cdf + v * pdf;
+}
+
+// ------------------------------------------------------------------------------- LayerNorm kernels
+
+// One warp per shuffled row r (global row m0 + r). VEC elements per load; the host guarantees that
+// C, the strides and the pointers are multiples of VEC elements (16 bytes) when VEC > 1.
+template <typename scalar_t, int VEC>
+__global__ void shuffle_layernorm_kernel(const scalar_t* __restrict__ x, PspGeom geo, int64_t C, int64_t m0,
+                                         int64_t rows, const scalar_t* __restrict__ w,
+                                         const scalar_t* __restrict__ b, at::opmath_type<scalar_t> eps,
+                                         scalar_t* __restrict__ xn, at::opmath_type<scalar_t>* __restrict__ mean_out,
+                                         at::opmath_type<scalar_t>* __restrict__ rstd_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<scalar_t, VEC>;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (r >= rows) return;  // the whole warp leaves together, so the shuffles below stay full-warp
+  const int64_t K = 4 * C;
+  const scalar_t* run[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) run[q] = x + geo.run_offset(m0 + r, q);
+
+  acc_t sum = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) {
+      const V v = *reinterpret_cast<const V*>(run[q] + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sum += static_cast<acc_t>(v.v[i]);
+    }
+  const acc_t mean = warp_sum(sum) / static_cast<acc_t>(K);
+
+  acc_t sq = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) {
+      const V v = *reinterpret_cast<const V*>(run[q] + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const acc_t dv = static_cast<acc_t>(v.v[i]) - mean;
+        sq += dv * dv;
+      }
+    }
+  const acc_t rstd = rsqrt_(warp_sum(sq) / static_cast<acc_t>(K) + eps);
+
+  scalar_t* out = xn + r * K;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) {
+      const int64_t k = q * C + c;
+      const V v = *reinterpret_cast<const V*>(run[q] + c);
+      const V wv = *reinterpret_cast<const V*>(w + k);
+      const V bv = *reinterpret_cast<const V*>(b + k);
+      V o;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        o.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v.v[i]) - mean) * rstd * static_cast<acc_t>(wv.v[i]) +
+                                       static_cast<acc_t>(bv.v[i]));
+      *reinterpret_cast<V*>(out + k) = o;
+    }
+  if (lane == 0 && mean_out != nullptr) {
+    mean_out[r] = mean;
+    rstd_out[r] = rstd;
+  }
+}
+
+// One warp per shuffled row: dx (in x's unshuffled layout, geometry dgeo) from dxn (fp32 [rows, K]).
+template <typename scalar_t>
+__global__ void layernorm_backward_unshuffle_kernel(const scalar_t* __restrict__ x, PspGeom geo, int64_t C,
+                                                    int64_t m0, int64_t rows,
+                                                    const at::opmath_type<scalar_t>* __restrict__ mean,
+                                                    const at::opmath_type<scalar_t>* __restrict__ rstd,
+                                                    const scalar_t* __restrict__ w,
+                                                    const at::opmath_type<scalar_t>* __restrict__ dxn,
+                                                    scalar_t* __restrict__ dx, PspGeom dgeo) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int64_t K = 4 * C;
+  const acc_t mu = mean[r], rs = rstd[r];
+  const acc_t* g = dxn + r * K;
+
+  acc_t s1 = 0, s2 = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const scalar_t* src = x + geo.run_offset(m0 + r, q);
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t xh = (static_cast<acc_t>(src[c]) - mu) * rs;
+      const acc_t dxh = g[q * C + c] * static_cast<acc_t>(w[q * C + c]);
+      s1 += dxh;
+      s2 += dxh * xh;
+    }
+  }
+  s1 = warp_sum(s1) / static_cast<acc_t>(K);
+  s2 = warp_sum(s2) / static_cast<acc_t>(K);
+
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const scalar_t* src = x + geo.run_offset(m0 + r, q);
+    scalar_t* dst = dx + dgeo.run_offset(m0 + r, q);
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t xh = (static_cast<acc_t>(src[c]) - mu) * rs;
+      const acc_t dxh = g[q * C + c] * static_cast<acc_t>(w[q * C + c]);
+      dst[c] = static_cast<scalar_t>(rs * (dxh - s1 - xh * s2));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ elementwise kernels
+
+// g = gelu(h + bias) over a row-major [rows, D1] matrix, VEC elements per thread (VEC divides D1).
+template <typename scalar_t, int VEC>
+__global__ void bias_gelu_kernel(const at::opmath_type<scalar_t>* __restrict__ h, const scalar_t* __restrict__ bias,
+                                 int64_t n_vec, int64_t D1, scalar_t* __restrict__ g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = i * VEC, col = e % D1;
+    const Vec<acc_t, VEC> hv = *reinterpret_cast<const Vec<acc_t, VEC>*>(h + e);
+    Vec<scalar_t, VEC> o;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t v = hv.v[j] + (bias != nullptr ? static_cast<acc_t>(bias[col + j]) : acc_t(0));
+      o.v[j] = static_cast<scalar_t>(gelu_erf(v));
+    }
+    *reinterpret_cast<Vec<scalar_t, VEC>*>(g + e) = o;
+  }
+}
+
+// dg <- dg * gelu'(h + bias) in place (it becomes dh); dh_s, if not null, gets dh in x's dtype.
+template <typename scalar_t, int VEC>
+__global__ void gelu_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ h,
+                                     const scalar_t* __restrict__ bias, int64_t n_vec, int64_t D1,
+                                     at::opmath_type<scalar_t>* __restrict__ dg, scalar_t* __restrict__ dh_s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = i * VEC, col = e % D1;
+    const Vec<acc_t, VEC> hv = *reinterpret_cast<const Vec<acc_t, VEC>*>(h + e);
+    Vec<acc_t, VEC> dv = *reinterpret_cast<const Vec<acc_t, VEC>*>(dg + e);
+    Vec<scalar_t, VEC> o;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t v = hv.v[j] + (bias != nullptr ? static_cast<acc_t>(bias[col + j]) : acc_t(0));
+      dv.v[j] *= gelu_erf_grad(v);
+      o.v[j] = static_cast<scalar_t>(dv.v[j]);
+    }
+    *reinterpret_cast<Vec<acc_t, VEC>*>(dg + e) = dv;
+    if (dh_s != nullptr) *reinterpret_cast<Vec<scalar_t, VEC>*>(dh_s + e) = o;
+  }
+}
+
+// ----------------------------------------------------------------------------------- column sums
+// Deterministic column sums: each block sums kSlabRows rows of 32 columns into partial[slab, col];
+// colsum_finish_kernel then adds the slabs in order into an fp32 accumulator.
+
+template <typename T, typename acc_t>
+__global__ void colsum_partial_kernel(const T* __restrict__ in, int64_t rows, int64_t cols,
+                                      acc_t* __restrict__ partial) {
+  __shared__ acc_t sh[kRowThreads][kColTile];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kSlabRows;
+  const int64_t r1 = r0 + kSlabRows < rows ? r0 + kSlabRows : rows;
+  acc_t s = 0;
+  if (c < cols)
+    for (int64_t r = r0 + ty; r < r1; r += kRowThreads) s += static_cast<acc_t>(in[r * cols + c]);
+  sh[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && c < cols) {
+    acc_t t = 0;
+#pragma unroll
+    for (int i = 0; i < kRowThreads; ++i) t += sh[i][tx];
+    partial[blockIdx.y * cols + c] = t;
+  }
+}
+
+// Partials of dln_weight = colsum(dxn * xhat) and dln_bias = colsum(dxn); xhat is recomputed from x.
+template <typename scalar_t>
+__global__ void ln_param_grad_partial_kernel(const scalar_t* __restrict__ x, PspGeom geo, int64_t C, int64_t m0,
+                                             int64_t rows, const at::opmath_type<scalar_t>* __restrict__ mean,
+                                             const at::opmath_type<scalar_t>* __restrict__ rstd,
+                                             const at::opmath_type<scalar_t>* __restrict__ dxn,
+                                             at::opmath_type<scalar_t>* __restrict__ partial_w,
+                                             at::opmath_type<scalar_t>* __restrict__ partial_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t shw[kRowThreads][kColTile];
+  __shared__ acc_t shb[kRowThreads][kColTile];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t K = 4 * C;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kSlabRows;
+  const int64_t r1 = r0 + kSlabRows < rows ? r0 + kSlabRows : rows;
+  acc_t sw = 0, sb = 0;
+  if (k < K) {
+    const int q = static_cast<int>(k / C);
+    const int64_t c = k - q * C;
+    for (int64_t r = r0 + ty; r < r1; r += kRowThreads) {
+      const acc_t d = dxn[r * K + k];
+      const acc_t xh = (static_cast<acc_t>(x[geo.run_offset(m0 + r, q) + c]) - mean[r]) * rstd[r];
+      sw += d * xh;
+      sb += d;
+    }
+  }
+  shw[ty][tx] = sw;
+  shb[ty][tx] = sb;
+  __syncthreads();
+  if (ty == 0 && k < K) {
+    acc_t tw = 0, tb = 0;
+#pragma unroll
+    for (int i = 0; i < kRowThreads; ++i) {
+      tw += shw[i][tx];
+      tb += shb[i][tx];
+    }
+    partial_w[blockIdx.y * K + k] = tw;
+    partial_b[blockIdx.y * K + k] = tb;
+  }
+}
+
+template <typename acc_t>
+__global__ void colsum_finish_kernel(const acc_t* __restrict__ partial, int64_t slabs, int64_t cols,
+                                     acc_t* __restrict__ out) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cols;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t t = 0;
+    for (int64_t s = 0; s < slabs; ++s) t += partial[s * cols + c];
+    out[c] += t;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ GEMM
+
+cudaDataType_t cuda_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kDouble: return CUDA_R_64F;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: break;
+  }
+  TORCH_CHECK(false, "vita_ext::pixel_shuffle_projector: no cuBLAS type for ", dtype_name(t));
+  return CUDA_R_32F;
+}
+
+// Row-major GEMM through cuBLAS (column-major): C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C.
+// A row-major matrix with row length ld is, read column-major with leading dimension ld, its own
+// transpose. So C^T = op(B)^T @ op(A)^T is a column-major product with the operands swapped:
+// cuBLAS gets (B, transB) first and (A, transA) second, with m = N and n = M. lda/ldb/ldc are the
+// row lengths of A, B, C as stored (A is stored [M, K] when !transA, [K, M] when transA).
+// Operands A and B share ab_type; compute is fp32 (fp64 for fp64 operands). For fp32 operands cuBLAS
+// follows torch.backends.cuda.matmul.allow_tf32 through the handle's math mode (off by default).
+void gemm_rowmajor(bool transA, bool transB, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
+                   const void* B, int64_t ldb, cudaDataType_t ab_type, void* C, int64_t ldc, cudaDataType_t c_type,
+                   double alpha, double beta) {
+  if (M == 0 || N == 0) return;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  const bool fp64 = ab_type == CUDA_R_64F;
+  const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
+  const void* pa = fp64 ? static_cast<const void*>(&alpha) : static_cast<const void*>(&alpha_f);
+  const void* pb = fp64 ? static_cast<const void*>(&beta) : static_cast<const void*>(&beta_f);
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                    static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), pa, B, ab_type,
+                                    static_cast<int>(ldb), A, ab_type, static_cast<int>(lda), pb, C, c_type,
+                                    static_cast<int>(ldc), fp64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+}
+
+// ---------------------------------------------------------------------------------------- launches
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename scalar_t>
+void launch_shuffle_layernorm(const at::Tensor& x, const PspGeom& geo, const PspDims& d, int64_t m0, int64_t rows,
+                              const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& xn,
+                              at::Tensor* mean, at::Tensor* rstd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vec = d.C % kVec == 0 && geo.s0 % kVec == 0 && geo.s1 % kVec == 0 && aligned16(x.data_ptr()) &&
+                   aligned16(w.data_ptr()) && aligned16(b.data_ptr());
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock))), block(32 * kWarpsPerBlock);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  acc_t* mp = mean ? mean->data_ptr<acc_t>() : nullptr;
+  acc_t* rp = rstd ? rstd->data_ptr<acc_t>() : nullptr;
+  auto run = [&](auto kernel) {
+    kernel<<<grid, block, 0, stream>>>(x.data_ptr<scalar_t>(), geo, d.C, m0, rows, w.data_ptr<scalar_t>(),
+                                       b.data_ptr<scalar_t>(), static_cast<acc_t>(eps), xn.data_ptr<scalar_t>(),
+                                       mp, rp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (vec)
+    run(shuffle_layernorm_kernel<scalar_t, kVec>);
+  else
+    run(shuffle_layernorm_kernel<scalar_t, 1>);
+}
+
+unsigned elt_blocks(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kEltThreads), 65535)); }
+
+template <typename scalar_t>
+void launch_bias_gelu(const at::Tensor& h, const scalar_t* bias, int64_t rows, int64_t D1, at::Tensor& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n = rows * D1;
+  if (D1 % 4 == 0) {
+    bias_gelu_kernel<scalar_t, 4><<<elt_blocks(n / 4), kEltThreads, 0, stream>>>(h.data_ptr<acc_t>(), bias, n / 4,
+                                                                                   D1, g.data_ptr<scalar_t>());
+  } else {
+    bias_gelu_kernel<scalar_t, 1><<<elt_blocks(n), kEltThreads, 0, stream>>>(h.data_ptr<acc_t>(), bias, n, D1,
+                                                                               g.data_ptr<scalar_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_gelu_backward(const at::Tensor& h, const scalar_t* bias, int64_t rows, int64_t D1, at::Tensor& dg,
+                          scalar_t* dh_s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n = rows * D1;
+  if (D1 % 4 == 0) {
+    gelu_backward_kernel<scalar_t, 4><<<elt_blocks(n / 4), kEltThreads, 0, stream>>>(
+        h.data_ptr<acc_t>(), bias, n / 4, D1, dg.data_ptr<acc_t>(), dh_s);
+  } else {
+    gelu_backward_kernel<scalar_t, 1><<<elt_blocks(n), kEltThreads, 0, stream>>>(h.data_ptr<acc_t>(), bias, n, D1,
+                                                                                   dg.data_ptr<acc_t>(), dh_s);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out[c] += sum_r in[r, c] for a contiguous [rows, cols] matrix; partial holds >= slabs * cols.
+template <typename T, typename acc_t>
+void column_sums(const T* in, int64_t rows, int64_t cols, acc_t* partial, acc_t* out) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t slabs = ceil_div(rows, kSlabRows);
+  const dim3 grid(static_cast<unsigned>(ceil_div(cols, kColTile)), static_cast<unsigned>(slabs));
+  colsum_partial_kernel<T, acc_t><<<grid, dim3(kColTile, kRowThreads), 0, stream>>>(in, rows, cols, partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  colsum_finish_kernel<acc_t><<<elt_blocks(cols), kEltThreads, 0, stream>>>(partial, slabs, cols, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ------------------------------------------------------------------------------------- host ops
+
+struct Params {
+  at::Tensor lnw, lnb, w1, b1, w2, b2;  // contiguous; b1/b2 undefined when absent
+};
+
+Params contiguous_params(const at::Tensor& lnw, const at::Tensor& lnb, const at::Tensor& w1,
+                         const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                         const c10::optional<at::Tensor>& b2) {
+  Params p{lnw.contiguous(), lnb.contiguous(), w1.contiguous(), at::Tensor(), w2.contiguous(), at::Tensor()};
+  if (b1.has_value()) p.b1 = b1->contiguous();
+  if (b2.has_value()) p.b2 = b2->contiguous();
+  return p;
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+void check_blas_sizes(const char* op, const PspDims& d) {
+  TORCH_CHECK(d.K <= INT_MAX && d.D1 <= INT_MAX && d.D2 <= INT_MAX, op,
+              ": 4C, D1 and D2 must each be < 2^31 for cuBLAS, got 4C = ", d.K, ", D1 = ", d.D1, ", D2 = ", d.D2);
+}
+
+at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                        const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const c10::optional<at::Tensor>& b2, double eps) {
+  const char* op = "vita_ext::pixel_shuffle_projector";
+  const PspDims d = check_pixel_shuffle_projector_args(op, x_in, ln_weight, ln_bias, w1, b1, w2, b2);
+  check_blas_sizes(op, d);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor y = at::empty({d.N, d.T, d.D2}, x_in.options());
+  if (d.M == 0) return y;
+  const at::Tensor x = psp_inner_contiguous(x_in);
+  const PspGeom geo = psp_geom(d, x);
+  const Params p = contiguous_params(ln_weight, ln_bias, w1, b1, w2, b2);
+  const cudaDataType_t ab = cuda_type(x.scalar_type());
+  at::Tensor y2 = y.view({d.M, d.D2});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_projector_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t chunk = std::min(kChunkRows, d.M);
+    at::Tensor xn = at::empty({chunk, d.K}, x.options());
+    at::Tensor h1 = at::empty({chunk, d.D1}, x.options().dtype(acc));
+    at::Tensor g = at::empty({chunk, d.D1}, x.options());
+    for (int64_t m0 = 0; m0 < d.M; m0 += kChunkRows) {
+      const int64_t rows = std::min(kChunkRows, d.M - m0);
+      launch_shuffle_layernorm<scalar_t>(x, geo, d, m0, rows, p.lnw, p.lnb, eps, xn, nullptr, nullptr);
+      gemm_rowmajor(false, true, rows, d.D1, d.K, xn.data_ptr(), d.K, p.w1.data_ptr(), d.K, ab, h1.data_ptr(), d.D1,
+                    cuda_type(acc), 1.0, 0.0);
+      launch_bias_gelu<scalar_t>(h1, ptr_or_null<scalar_t>(p.b1), rows, d.D1, g);
+      at::Tensor yc = y2.narrow(0, m0, rows);  // whole rows of a contiguous tensor: contiguous
+      if (p.b2.defined()) yc.copy_(p.b2.unsqueeze(0).expand({rows, d.D2}));
+      gemm_rowmajor(false, true, rows, d.D2, d.D1, g.data_ptr(), d.D1, p.w2.data_ptr(), d.D1, ab, yc.data_ptr(), d.D2,
+                    ab, 1.0, p.b2.defined() ? 1.0 : 0.0);
+    }
+  });
+  return y;
+}
+
+// A gradient shaped and strided like the fake kernel's output (empty_like of the parameter).
+at::Tensor like(const at::Tensor& proto, const at::Tensor& acc) { return at::empty_like(proto).copy_(acc); }
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Accumulators of the parameter gradients (fp32, fp64 for fp64 inputs), summed over chunks.
+struct GradAcc {
+  at::Tensor dlnw, dlnb, dw1, db1, dw2, db2;
+};
+
+template <typename scalar_t>
+void backward_chunk(const at::Tensor& x, const PspGeom& geo, const at::Tensor& dx, const PspGeom& dgeo,
+                    const PspDims& d, const Params& p, const at::Tensor& gy, double eps, int64_t m0, int64_t rows,
+                    GradAcc& acc_g, at::Tensor& partial_a, at::Tensor& partial_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const bool same = std::is_same<scalar_t, acc_t>::value;
+  const cudaDataType_t ab = cuda_type(x.scalar_type()), ct = cuda_type(acc);
+  const auto sopt = x.options(), aopt = x.options().dtype(acc);
+  at::Tensor xn = at::empty({rows, d.K}, sopt);
+  at::Tensor mean = at::empty({rows}, aopt), rstd = at::empty({rows}, aopt);
+  launch_shuffle_layernorm<scalar_t>(x, geo, d, m0, rows, p.lnw, p.lnb, eps, xn, &mean, &rstd);
+  at::Tensor h1 = at::empty({rows, d.D1}, aopt);
+  gemm_rowmajor(false, true, rows, d.D1, d.K, xn.data_ptr(), d.K, p.w1.data_ptr(), d.K, ab, h1.data_ptr(), d.D1, ct,
+                1.0, 0.0);
+  at::Tensor g = at::empty({rows, d.D1}, sopt);
+  const scalar_t* b1 = ptr_or_null<scalar_t>(p.b1);
+  launch_bias_gelu<scalar_t>(h1, b1, rows, d.D1, g);
+
+  const at::Tensor dy = gy.narrow(0, m0, rows);  // contiguous rows
+  gemm_rowmajor(true, false, d.D2, d.D1, rows, dy.data_ptr(), d.D2, g.data_ptr(), d.D1, ab, acc_g.dw2.data_ptr(),
+                d.D1, ct, 1.0, 1.0);  // dW2 += dy^T g
+  column_sums<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), rows, d.D2, partial_a.data_ptr<acc_t>(),
+                               acc_g.db2.data_ptr<acc_t>());
+
+  at::Tensor dg = at::empty({rows, d.D1}, aopt);
+  gemm_rowmajor(false, false, rows, d.D1, d.D2, dy.data_ptr(), d.D2, p.w2.data_ptr(), d.D1, ab, dg.data_ptr(), d.D1,
+                ct, 1.0, 0.0);  // dg = dy w2
+  at::Tensor dh_s = same ? dg : at::empty({rows, d.D1}, sopt);  // dh as a GEMM operand in x's dtype
+  launch_gelu_backward<scalar_t>(h1, b1, rows, d.D1, dg, same ? nullptr : dh_s.data_ptr<scalar_t>());
+  gemm_rowmajor(true, false, d.D1, d.K, rows, dh_s.data_ptr(), d.D1, xn.data_ptr(), d.K, ab, acc_g.dw1.data_ptr(),
+                d.K, ct, 1.0, 1.0);  // dW1 += dh^T xn
+  column_sums<acc_t, acc_t>(dg.data_ptr<acc_t>(), rows, d.D1, partial_a.data_ptr<acc_t>(),
+                            acc_g.db1.data_ptr<acc_t>());
+
+  at::Tensor dxn = at::empty({rows, d.K}, aopt);
+  gemm_rowmajor(false, false, rows, d.K, d.D1, dh_s.data_ptr(), d.D1, p.w1.data_ptr(), d.K, ab, dxn.data_ptr(), d.K,
+                ct, 1.0, 0.0);  // dxn = dh w1
+
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t slabs = ceil_div(rows, kSlabRows);
+  const dim3 pgrid(static_cast<unsigned>(ceil_div(d.K, kColTile)), static_cast<unsigned>(slabs));
+  ln_param_grad_partial_kernel<scalar_t><<<pgrid, dim3(kColTile, kRowThreads), 0, stream>>>(
+      x.data_ptr<scalar_t>(), geo, d.C, m0, rows, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+      dxn.data_ptr<acc_t>(), partial_a.data_ptr<acc_t>(), partial_b.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  colsum_finish_kernel<acc_t><<<elt_blocks(d.K), kEltThreads, 0, stream>>>(partial_a.data_ptr<acc_t>(), slabs, d.K,
+                                                                            acc_g.dlnw.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  colsum_finish_kernel<acc_t><<<elt_blocks(d.K), kEltThreads, 0, stream>>>(partial_b.data_ptr<acc_t>(), slabs, d.K,
+                                                                            acc_g.dlnb.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock))), block(32 * kWarpsPerBlock);
+  layernorm_backward_unshuffle_kernel<scalar_t><<<grid, block, 0, stream>>>(
+      x.data_ptr<scalar_t>(), geo, d.C, m0, rows, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+      p.lnw.data_ptr<scalar_t>(), dxn.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), dgeo);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Grads backward_cuda(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& ln_weight,
+                    const at::Tensor& ln_bias, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                    const at::Tensor& w2, const c10::optional<at::Tensor>& b2, double eps) {
+  const char* op = "vita_ext::pixel_shuffle_projector_backward";
+  const PspDims d =
+      check_pixel_shuffle_projector_backward_args(op, grad_y, x_in, ln_weight, ln_bias, w1, b1, w2, b2);
+  check_blas_sizes(op, d);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = psp_inner_contiguous(x_in);
+  at::Tensor dx = psp_empty_dx(x_in);
+  const PspGeom geo = psp_geom(d, x), dgeo = psp_geom(d, dx);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto aopt = x.options().dtype(acc);
+  GradAcc g{at::zeros({d.K}, aopt),          at::zeros({d.K}, aopt),  at::zeros({d.D1, d.K}, aopt),
+            at::zeros({d.D1}, aopt),         at::zeros({d.D2, d.D1}, aopt), at::zeros({d.D2}, aopt)};
+  if (d.M > 0) {
+    const Params p = contiguous_params(ln_weight, ln_bias, w1, b1, w2, b2);
+    const at::Tensor gy = grad_y.reshape({d.M, d.D2}).contiguous();
+    const int64_t slabs = ceil_div(std::min(kChunkRows, d.M), kSlabRows);
+    at::Tensor partial_a = at::empty({slabs * std::max({d.K, d.D1, d.D2})}, aopt);
+    at::Tensor partial_b = at::empty({slabs * d.K}, aopt);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_projector_bwd_cuda", [&] {
+      for (int64_t m0 = 0; m0 < d.M; m0 += kChunkRows) {
+        const int64_t rows = std::min(kChunkRows, d.M - m0);
+        backward_chunk<scalar_t>(x, geo, dx, dgeo, d, p, gy, eps, m0, rows, g, partial_a, partial_b);
+      }
+    });
+  }
+  return {dx, like(ln_weight, g.dlnw), like(ln_bias, g.dlnb), like(w1, g.dw1), g.db1.to(w1.scalar_type()),
+          like(w2, g.dw2), g.db2.to(w2.scalar_type())};
+}
+
+}  // namespace
+}  // namespace vita_ext
+
+TORCH_LIBRARY_IMPL(vita_ext, CUDA, m) {
+  m.impl("pixel_shuffle_projector", &vita_ext::forward_cuda);
+  m.impl("pixel_shuffle_projector_backward", &vita_ext::backward_cuda);
+}

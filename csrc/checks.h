@@ -33,7 +33,7 @@ inline std::string shape_str(const at::Tensor& t) {
 inline void check_float(const char* op, const at::Tensor& t, const char* name) {
   auto d = t.scalar_type();
   TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || d == at::kDouble,
-              op, ": argument '", name, "' must have dtype torch.float32, torch.bfloat16 or torch.float16, got ",
+              op, ": argument '", name, "' must have dtype torch.float32, torch.bfloat16 or torch.float16 (or torch.float64 on the CPU), got ",
               dtype_name(d));
 }
 

@@ -1,0 +1,130 @@
+"""TrainConfig: every setting of a training run, from three layers (later wins):
+the stage preset (``--stage N``) < a YAML or JSON file (``--config FILE``) < command-line flags.
+
+Only flags the user actually gives override the file; a file key that is not a field is an error
+(listing the fields), so a typo never silently trains with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from vita_ext.train.stages import POLICIES, stage_defaults
+
+DTYPES = ("bf16", "fp32")
+SAVE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Fields (CLI flag = ``--`` + the name with ``-`` for ``_``)."""
+    stage: int = 1
+    data: str | None = None               # JSONL file (release format)
+    model: str | None = None              # checkpoint directory to start from (release layout)
+    out: str | None = None                # output directory (checkpoints, metrics, final model)
+    seq_len: int = 32768                  # packed sequence length
+    max_steps: int | None = None          # optimizer steps (default: from epochs)
+    epochs: float = 1.0                   # used when max_steps is not given (needs one pass over the data)
+    grad_accum: int = 1                   # packed sequences per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0                # max global grad norm (0 = off)
+    trainable: str = "projector"          # projector | all | llm+projector
+    vit_lr_scale: float = 0.1
+    vit_layer_decay: float = 0.9
+    packing: str = "reset"                # reset | no-reset
+    dtype: str = "bf16"                   # bf16 (autocast, fp32 master weights) | fp32
+    recompute: bool = False               # activation checkpointing per decoder (and trainable ViT) layer
+    context_parallel: bool = False        # shard each packed sequence zig-zag over torchrun's ranks (no-reset only)
+    save_every: int = 0                   # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2                    # checkpoints kept (0: all)
+    save_dtype: str = "fp32"              # dtype of the release-layout copy written to OUT/final
+    resume: str | None = None             # "auto" (latest in OUT) or a checkpoint directory
+    seed: int = 0                         # data order
+    shuffle: bool = True
+    max_frames: int | None = None         # video frames per video (processor default 128)
+    max_tiles: int | None = None          # image tiles per image (processor default 12)
+    strict_labels: bool = True            # skip records whose piecewise tokenization differs
+    device: str | None = None             # cpu | cuda | cuda:N (default: cuda when available)
+    vision_chunk_size: int = 32           # frozen-ViT tiles encoded at once
+    progress: bool = True                 # tqdm bar
+    extra: dict = field(default_factory=dict)  # free-form notes copied into trainer_state.json
+
+    def validate(self) -> TrainConfig:
+        for name in ("data", "model", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"train: --{name} is required")
+        checks = [
+            ("seq_len", self.seq_len >= 2, ">= 2"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1"),
+            ("epochs", self.epochs > 0, "> 0"), ("lr", self.lr > 0, "> 0"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, f"in [0, lr={self.lr}]"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("trainable", self.trainable in POLICIES, f"one of {POLICIES}"),
+            ("packing", self.packing in ("reset", "no-reset"), "'reset' or 'no-reset'"),
+            ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
+            ("save_dtype", self.save_dtype in SAVE_DTYPES, f"one of {SAVE_DTYPES}"),
+            ("save_every", self.save_every >= 0, ">= 0"), ("keep_last", self.keep_last >= 0, ">= 0"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0"),
+            ("context_parallel", not (self.context_parallel and self.packing == "reset"),
+             "off with --packing reset (ring attention has no block-diagonal mask; use no-reset)"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"train: '{name}' must be {want}, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or JSON file of TrainConfig fields ('-' in keys is read as '_')."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path}: not valid YAML ({exc})") from exc
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {unknown}; known: {sorted(FIELDS)}")
+    return data
+
+
+def resolve_config(cli: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
+    """Merge stage preset < config file < CLI values (only the keys present in ``cli`` count: the CLI
+    passes the flags the user gave, nothing else)."""
+    cli = dict(cli or {})
+    file = read_config_file(config_file) if config_file else {}
+    stage = cli.get("stage", file.get("stage", 1))
+    merged = stage_defaults(int(stage))
+    merged.update(file)
+    merged.update(cli)
+    merged["stage"] = int(stage)
+    return TrainConfig(**merged).validate()

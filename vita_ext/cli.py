@@ -2,6 +2,8 @@
 
     vita-ext generate [--model DIR] [--image PATH ...] [--video PATH ...] --prompt TEXT [...]
     vita-ext random-checkpoint DIR [--preset tiny|long-vita-14b] [--dtype bfloat16] [...]
+    vita-ext train --stage N --data FILE.jsonl --model DIR --out DIR [--seq-len N] [--max-steps N] [--config FILE] [...]
+    vita-ext plot-train OUT_OR_METRICS [...] --out loss.png
 
 Errors a user can fix (a missing file, an unreadable image, a tag/media mismatch, a bad setting)
 print one line and exit with status 2; anything else is a bug and keeps its traceback.
@@ -128,6 +130,41 @@ def cmd_random_checkpoint(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import warnings
+
+    from vita_ext.train import Trainer, resolve_config
+    from vita_ext.train.config import FIELDS
+    from vita_ext.train.data import BadRecordWarning
+
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    cfg = resolve_config(given, args.config)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, BadRecordWarning):
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[vita-ext train] warning: {message}", file=sys.stderr)
+        else:
+            _show_default(message, category, filename, lineno, file, line)
+
+    _show_default = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        Trainer(cfg).train()
+    finally:
+        warnings.showwarning = _show_default
+    return 0
+
+
+def cmd_plot_train(args) -> int:
+    from vita_ext.train.plot import plot_runs
+
+    out = plot_runs(args.runs, args.out, args.label or None, args.smooth)
+    _log(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vita-ext", description="Long-VITA inference and training with vita_ext kernels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -162,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-shard-gb", type=float, default=4.0)
     r.set_defaults(func=cmd_random_checkpoint)
+
+    from vita_ext.train.config import add_arguments
+
+    t = sub.add_parser("train", help="train one Long-VITA stage on JSONL conversations",
+                       description="Train one stage of Long-VITA's recipe. Settings: the --stage preset, then "
+                                   "--config FILE (YAML/JSON), then flags (flags win).")
+    add_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+    pt = sub.add_parser("plot-train", help="draw training loss curves to a PNG")
+    pt.add_argument("runs", nargs="+", help="output directories or metrics.jsonl/.csv files (drawn in sequence)")
+    pt.add_argument("--out", required=True, help="PNG file to write")
+    pt.add_argument("--label", action="append", default=[], help="legend label per run (repeatable)")
+    pt.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (1 = off)")
+    pt.set_defaults(func=cmd_plot_train)
     return p
 
 

@@ -128,3 +128,54 @@ def resolve_config(cli: dict[str, Any] | None = None, config_file: str | None = 
     merged.update(cli)
     merged["stage"] = int(stage)
     return TrainConfig(**merged).validate()
+
+
+# Flag types of the fields whose default is None (the others use their default's type).
+_OPTIONAL_TYPES = {"data": str, "model": str, "out": str, "max_steps": int, "resume": str, "max_frames": int,
+                   "max_tiles": int, "device": str}
+HELP = {
+    "stage": "stage preset 1-4 (LONG_VITA.md section 5); other settings override it",
+    "data": "training data: JSONL in the release format (messages, images, videos)",
+    "model": "checkpoint directory to start from (release layout)",
+    "out": "output directory: checkpoint-N/, final/, metrics.jsonl, metrics.csv",
+    "seq_len": "tokens per packed sequence",
+    "max_steps": "optimizer steps (default: --epochs over the data)",
+    "epochs": "epochs when --max-steps is not given",
+    "grad_accum": "packed sequences per optimizer step",
+    "lr": "peak learning rate", "min_lr": "final learning rate of the cosine",
+    "warmup_ratio": "fraction of steps of linear warmup", "weight_decay": "AdamW weight decay",
+    "adam_beta1": "AdamW beta1", "adam_beta2": "AdamW beta2", "adam_eps": "AdamW epsilon",
+    "grad_clip": "max global gradient norm (0 = off)",
+    "trainable": "projector | all | llm+projector",
+    "vit_lr_scale": "ViT lr multiplier when the ViT trains", "vit_layer_decay": "ViT layer-wise lr decay",
+    "packing": "reset (per-sample positions, block-diagonal) | no-reset (global positions, causal)",
+    "dtype": "bf16 (autocast, fp32 master weights) | fp32",
+    "recompute": "activation checkpointing per decoder layer (and per ViT layer when it trains)",
+    "context_parallel": "shard each sequence zig-zag over torchrun's ranks (ring attention; no-reset only)",
+    "save_every": "checkpoint every N steps (0 = only at the end)", "keep_last": "checkpoints kept (0 = all)",
+    "save_dtype": "dtype of OUT/final (fp32 | bf16 | fp16)",
+    "resume": "'auto' (the newest complete checkpoint in --out) or a checkpoint directory",
+    "seed": "data-order seed", "shuffle": "shuffle the records every epoch",
+    "max_frames": "frames sampled per video", "max_tiles": "tiles per image",
+    "strict_labels": "skip records whose piecewise tokenization differs from the whole text",
+    "device": "cpu | cuda | cuda:N", "vision_chunk_size": "frozen-ViT tiles per forward",
+    "progress": "tqdm progress bar",
+}
+
+
+def add_arguments(parser) -> None:
+    """One flag per TrainConfig field (default: absent, so the file and the preset keep their values)."""
+    import argparse
+
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML or JSON file of settings (flags override it; it overrides the stage preset)")
+    for name, f in FIELDS.items():
+        if name == "extra":
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind = _OPTIONAL_TYPES.get(name, type(f.default))
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=HELP.get(name))
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=HELP.get(name))

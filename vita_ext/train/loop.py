@@ -1,27 +1,13 @@
-"""The training loop: packed sequences -> masked cross-entropy -> AdamW with clipping and a cosine
-schedule, checkpoints, metrics, and optional context parallelism.
+"""The training loop: packed sequences -> loss (``step.PackedLoss``) -> AdamW with clipping and a
+cosine schedule; checkpoints, metrics, a progress bar, and optional context parallelism.
 
-Loss. Each micro-batch (one packed sequence) contributes the SUM of its token losses from
-``masked_linear_cross_entropy`` (only supervised rows reach the vocabulary GEMM); the step's loss is
-that sum over all micro-batches divided by the step's total supervised-token count. So every
-supervised token weighs the same whatever sequence it was packed into, with or without accumulation
-(a per-micro-batch mean would over-weight tokens of sparsely supervised sequences).
-
-Context parallelism (stages 3-4; ``no-reset`` packing only). Every rank packs the same sequence, pads
-it to a multiple of 2P and keeps its zig-zag chunks (``ZigZagPlan``): ids, global position ids and
-the targets, which are shifted on the whole sequence before it is cut. Each rank encodes only the
-tiles whose CONTEXT positions fall in its chunks, runs the decoder with ring attention (whose backward
-sends the K/V gradients around the ring), and computes the loss sum of its rows divided by the global
-supervised count. After the backward, gradients are summed over the ranks (one all-reduce of a flat
-buffer), which gives exactly the single-process gradient; the logged loss is all-reduced too.
-
-Frozen parts run under ``torch.no_grad`` (a frozen ViT also in eval mode), so they keep no
-activations. ``dtype='bf16'`` runs the forward under bf16 autocast with fp32 master weights; the
-attention backend receives q/k/v cast to bf16 and the projector and the cross-entropy run in bf16.
+One optimizer step takes ``grad_accum`` packed sequences. Each contributes the sum of its token
+losses; the step's loss is the total over all of them (and over the context-parallel ranks) divided
+by the step's supervised-token count, the right average under both accumulation and packing. With
+context parallelism the gradients are summed over the ranks before clipping.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -32,44 +18,16 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
-from vita_ext.model.language import LocalAttention
-from vita_ext.ops import masked_linear_cross_entropy, pixel_shuffle_projector
-from vita_ext.processing.prompt import IGNORE_INDEX
 from vita_ext.train import checkpoint as ckpt
 from vita_ext.train.config import TrainConfig
 from vita_ext.train.data import JsonlDataset, scan
-from vita_ext.train.packing import PAD_TOKEN_ID, PackedBatch, Packer
+from vita_ext.train.packing import PackedBatch, Packer
 from vita_ext.train.stages import apply_trainable, lr_factor, param_groups
+from vita_ext.train.step import PackedLoss, all_reduce_grads, requires_grad
 
 METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "samples", "tokens_per_s",
                  "step_seconds", "elapsed_seconds", "epoch")
-
-
-def no_autocast(device: torch.device):
-    """Autocast off: the vita_ext ops get operands already cast to one dtype, and their C++ kernels'
-    internal ATen calls must not be re-cast by autocast (they would mix fp32 and bf16)."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-class CastAttention:
-    """Wraps an attention backend so that q, k, v reach it in one dtype (autocast leaves the rotated
-    q/k in the residual dtype and v in the autocast dtype), with autocast off inside."""
-
-    def __init__(self, inner, dtype: torch.dtype):
-        self.inner, self.dtype = inner, dtype
-
-    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        with no_autocast(q.device):
-            return self.inner(layer_idx, q.to(self.dtype), k.to(self.dtype), v.to(self.dtype))
-
-    def advance(self, n: int) -> None:
-        self.inner.advance(n)
-
-
-def _requires_grad(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 def count_steps(dataset: JsonlDataset, cfg: TrainConfig) -> int:
@@ -131,7 +89,7 @@ class Trainer:
 
         self.trainable_counts = apply_trainable(self.model, cfg.trainable)
         self.model.train()
-        self.vit_frozen = not _requires_grad(self.model.model.vision_model)
+        self.vit_frozen = not requires_grad(self.model.model.vision_model)
         if self.vit_frozen:
             self.model.model.vision_model.eval()
         self.model.model.gradient_checkpointing = cfg.recompute
@@ -149,99 +107,16 @@ class Trainer:
         min_ratio = cfg.min_lr / cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, cfg.warmup_ratio, min_ratio))
+        self.loss_sum = PackedLoss(self.model, self.amp_dtype, self.cp, self.group, cfg.vision_chunk_size)
         self.step = 0
         self.elapsed = 0.0
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------- forward
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def _project(self, vit_hidden: Tensor) -> Tensor:
-        """The projector with every operand in one dtype (the autocast dtype under bf16)."""
-        proj = self.model.model.vision_projection
-        ln, fc1, fc2 = proj.pre_proj_layernorm, proj.mlp[0], proj.mlp[2]
-        dtype = self.amp_dtype or fc1.weight.dtype
-        with no_autocast(self.device):
-            return pixel_shuffle_projector(vit_hidden[:, 1:].to(dtype), ln.weight.to(dtype), ln.bias.to(dtype),
-                                           fc1.weight.to(dtype), fc2.weight.to(dtype), ln.eps)
-
-    def _vision_features(self, pixel_values: Tensor) -> Tensor:
-        """pixel_values [n, 3, s, s] -> [n, T, H] projector outputs (frozen parts without a graph).
-
-        The ViT runs outside autocast (fp32): its attention calls ``attention_lse`` directly, whose
-        operands autocast would leave in mixed dtypes (see ``CastAttention``)."""
-        vit = self.model.model.vision_model
-        pixel_values = pixel_values.to(device=self.device, dtype=torch.float32)
-        if self.vit_frozen:
-            with torch.no_grad(), no_autocast(self.device):
-                step = self.cfg.vision_chunk_size
-                hidden = torch.cat([vit(pixel_values[i:i + step]) for i in range(0, pixel_values.shape[0], step)])
-        else:
-            with no_autocast(self.device):
-                hidden = vit(pixel_values)
-        if not _requires_grad(self.model.model.vision_projection):
-            with torch.no_grad():
-                return self._project(hidden)
-        return self._project(hidden)
-
-    def _embed(self, ids: Tensor, pixel_values: Tensor, rows: Tensor, feature_rows: Tensor | None) -> Tensor:
-        """Token embeddings [1, s, H] with the vision features written at local ``rows`` (out of place)."""
-        embeds = self.model.model.embed_tokens(ids.to(self.device))
-        if pixel_values.shape[0] == 0:
-            return embeds
-        feats = self._vision_features(pixel_values)
-        flat_feats = feats.reshape(-1, embeds.shape[-1])
-        if feature_rows is not None:
-            flat_feats = flat_feats[feature_rows.to(self.device)]
-        flat = embeds.reshape(-1, embeds.shape[-1])
-        return flat.index_put((rows.to(self.device),), flat_feats.to(flat.dtype)).view_as(embeds)
-
-    def loss_sum(self, batch: PackedBatch) -> Tensor:
-        """Sum of the token losses of this rank's rows of one packed sequence (fp32 scalar)."""
-        if self.cp:
-            from vita_ext.parallel import RingPrefillAttention, ZigZagPlan
-
-            plan = ZigZagPlan(batch.seq_len, self.world)
-            ids = plan.shard(plan.pad(batch.input_ids, PAD_TOKEN_ID), self.rank)
-            targets = plan.shard(plan.pad(batch.targets, IGNORE_INDEX), self.rank)
-            positions = plan.positions(self.rank)[None]
-            tokens = self.model.config.num_image_tokens
-            tile_ids, feature_rows, rows = plan.local_vision(batch.context_positions, tokens, self.rank)
-            pixel_values = batch.pixel_values[tile_ids]
-            attention = RingPrefillAttention(plan, self.group)
-        else:
-            ids, targets, positions = batch.input_ids, batch.targets, batch.position_ids
-            pixel_values, rows, feature_rows = batch.pixel_values, batch.context_positions, None
-            cu = batch.cu_seqlens.to(self.device) if batch.cu_seqlens is not None else None
-            attention = LocalAttention(cu_seqlens=cu)
-        if self.amp_dtype is not None:
-            attention = CastAttention(attention, self.amp_dtype)
-        with self._autocast():
-            embeds = self._embed(ids, pixel_values, rows, feature_rows)
-            hidden = self.model.decode(embeds, positions.to(self.device), attention)[0]
-            weight = self.model.lm_head.weight
-            dtype = self.amp_dtype or weight.dtype
-            with no_autocast(self.device):
-                return masked_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets[0].to(self.device),
-                                                   IGNORE_INDEX, "sum")
-
-    # ---------------------------------------------------------------------------------- step
-    def _all_reduce_grads(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-
-    def train_step(self, batches: list[PackedBatch]) -> dict:
-        """One optimizer step over ``batches`` (the accumulated micro-batches); returns its metrics."""
-        t0 = time.perf_counter()
+    def accumulate(self, batches: list[PackedBatch]) -> tuple[float, int]:
+        """Forward + backward of the micro-batches of one step, leaving the summed (and, with CP,
+        all-reduced) gradients of (sum of token losses) / (supervised tokens of the step) in .grad.
+        Returns (loss per supervised token, supervised tokens)."""
         supervised = sum(b.num_supervised for b in batches)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
@@ -251,12 +126,18 @@ class Trainer:
             total += local.detach().double().cpu()
         if self.cp:
             dist.all_reduce(total, group=self.group)
-            self._all_reduce_grads()
+            all_reduce_grads(self.params, self.group)
+        return float(total) / max(1, supervised), supervised
+
+    def train_step(self, batches: list[PackedBatch]) -> dict:
+        """One optimizer step over ``batches`` (the accumulated micro-batches); returns its metrics."""
+        t0 = time.perf_counter()
+        loss, supervised = self.accumulate(batches)
+        grads = [p.grad for p in self.params if p.grad is not None]
         if self.cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
         else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         if supervised > 0:
             self.optimizer.step()
@@ -265,10 +146,10 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.elapsed += seconds
         tokens = sum(b.num_tokens for b in batches)
-        return {"step": self.step, "loss": float(total) / max(1, supervised), "lr": lr, "grad_norm": grad_norm,
-                "tokens": tokens, "supervised_tokens": supervised,
-                "samples": sum(len(b.sample_indices) for b in batches), "tokens_per_s": tokens / max(seconds, 1e-9),
-                "step_seconds": seconds, "elapsed_seconds": self.elapsed, "epoch": self.packer.epoch}
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "supervised_tokens": supervised, "samples": sum(len(b.sample_indices) for b in batches),
+                "tokens_per_s": tokens / max(seconds, 1e-9), "step_seconds": seconds,
+                "elapsed_seconds": self.elapsed, "epoch": self.packer.epoch}
 
     # ---------------------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:

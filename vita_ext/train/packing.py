@@ -137,21 +137,26 @@ class Packer:
             sample = None
         return sample
 
+    def _next_epoch(self) -> None:
+        self.epoch, self.cursor = self.epoch + 1, 0
+        self._order = self._make_order(self.epoch)
+
     def next_batch(self) -> PackedBatch:
+        """The next packed sequence. The epoch advances as soon as its last record is consumed, so
+        ``epoch`` is always the epoch of the next sequence."""
         samples: list[Sample] = []
-        used, empty_epochs = 0, 0
+        used, scanned = 0, 0
         while True:
             if self.cursor >= len(self._order):
                 if samples:
                     break
-                empty_epochs += 1
-                if empty_epochs > 1 or not self._order:
+                if scanned >= len(self._order):  # a whole epoch without one usable sample
                     raise ValueError(f"{self.dataset.path}: no usable training record "
                                      f"({self.dataset.report.summary(len(self.dataset))})")
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._make_order(self.epoch)
+                self._next_epoch()
                 continue
             sample = self._encode_at_cursor()
+            scanned += 1
             if sample is None:
                 self.cursor += 1
                 continue
@@ -161,7 +166,8 @@ class Packer:
             samples.append(sample)
             used += sample.length
             self.cursor += 1
-            empty_epochs = 0
+        if self.cursor >= len(self._order):
+            self._next_epoch()
         return pack_samples(samples, self.seq_len, self.mode, self.pad_token_id)
 
     def state_dict(self) -> dict:

@@ -71,6 +71,8 @@ class PackedLoss:
         self.model, self.amp_dtype, self.cp, self.group = model, amp_dtype, context_parallel, group
         self.vision_chunk_size = vision_chunk_size
         self.rank, self.world = (dist.get_rank(group), dist.get_world_size(group)) if context_parallel else (0, 1)
+        # the zig-zag padding sits after every real token (never seen by one): any valid id will do
+        self.pad_id = PAD_TOKEN_ID if PAD_TOKEN_ID < model.config.text.vocab_size else 0
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +131,7 @@ class PackedLoss:
         if batch.cu_seqlens is not None:
             raise ValueError("context parallelism needs no-reset packing (ring attention has no cu_seqlens)")
         plan = ZigZagPlan(batch.seq_len, self.world)
-        ids = plan.shard(plan.pad(batch.input_ids, PAD_TOKEN_ID), self.rank)
+        ids = plan.shard(plan.pad(batch.input_ids, self.pad_id), self.rank)
         targets = plan.shard(plan.pad(batch.targets, IGNORE_INDEX), self.rank)
         positions = plan.positions(self.rank)[None]
         tile_ids, feature_rows, rows = plan.local_vision(batch.context_positions, self.model.config.num_image_tokens,

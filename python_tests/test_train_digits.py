@@ -1,0 +1,127 @@
+"""The digits recipe and the shipped default model: the held-out split, the stage records, and
+`vita-ext generate --image digit.png --prompt "Which digit is this?"` answering held-out digits."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vita_ext.model.default import DIGITS_DIR, default_model, digits_model_path
+from vita_ext.processing import LongVITAProcessor
+from vita_ext.train import JsonlDataset
+from vita_ext.train import digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def split():
+    pytest.importorskip("sklearn")
+    return digits.load_split()
+
+
+def test_split_is_held_out_per_class_and_reproducible(split):
+    train, test = split
+    assert len(train.labels) + len(test.labels) == 1797
+    assert not set(train.ids) & set(test.ids)
+    counts = np.bincount(test.labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 20% of each class
+    again = digits.load_split()[1]
+    assert np.array_equal(again.ids, test.ids)
+
+
+def test_stage_records_are_valid_release_jsonl(split, tmp_path):
+    train, _ = split
+    sub = digits.Split(train.images[:60], train.labels[:60], train.ids[:60])
+    paths = digits.write_images(sub, str(tmp_path / "images"), "train")
+    img = digits.to_image(sub.images[0])
+    assert img.size == (56, 56) and img.mode == "RGB"
+    rng = random.Random(0)
+    frames, d, k = digits.find_sequence(sub.labels, 16, rng)
+    assert [sub.labels[i] for i in frames].count(d) == 1 and sub.labels[frames[k - 1]] == d
+    assert digits.frames_prompt(3) == "1<image>2<image>3<image>\n"
+    processor = LongVITAProcessor(image_size=56, patch_size=14)
+    for stage, sizes in ((1, {0: 1}), (2, {0: 1}), (3, {4: 5, 16: 2}), (4, {16: 2, 64: 1})):
+        records = digits.stage_records(stage, paths, sub.labels, sizes)
+        path = digits.write_jsonl(records, str(tmp_path / f"s{stage}.jsonl"))
+        ds = JsonlDataset(path, processor)
+        samples = [ds.encode(i) for i in range(len(ds))]
+        assert ds.report.num_bad == 0 and all(s is not None for s in samples)
+        if stage >= 3:
+            qa = sum(len(r["images"]) == 1 for r in records)
+            assert qa == round(0.1 / 0.9 * (len(records) - qa))  # the paper's 10% of stage-2 data
+    answers = {r["messages"][1]["content"] for r in digits.stage_records(1, paths, sub.labels, {0: 1})}
+    assert answers <= {f"a handwritten {d}" for d in range(10)}
+
+
+def test_digits_config_is_small_with_the_real_vocabulary():
+    cfg = digits.digits_config()
+    assert cfg.text.vocab_size == 152064 and cfg.text.tie_word_embeddings and cfg.num_image_tokens == 4
+    from vita_ext.model.checkpoint import parameter_shapes
+
+    n = sum(int(np.prod(s)) for s in parameter_shapes(cfg).values())
+    assert 4.5e6 < n < 6e6 and n * 2 < 11 * 2**20  # ~10 MB in bf16
+
+
+def test_default_model_is_the_packaged_digits_model():
+    path = digits_model_path()
+    assert path == DIGITS_DIR, "vita_ext/assets/digits_model is missing (run scripts/train_digits.py --ship)"
+    files = os.listdir(path)
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"} <= set(files)
+    assert os.path.getsize(os.path.join(path, "model.safetensors")) < 11 * 2**20
+    model, processor, gen, label = default_model()
+    assert "digits" in label and "RANDOM" not in label
+    assert processor.image_size == 56 and gen.greedy and model.config.text.vocab_size == 152064
+
+
+def test_generate_answers_held_out_digits(split, tmp_path):
+    """End to end through the CLI on the first held-out digit of each class (greedy, the default model)."""
+    if digits_model_path() is None:
+        pytest.fail("vita_ext/assets/digits_model is missing")
+    _, test = split
+    picks = [int(np.flatnonzero(test.labels == c)[0]) for c in range(10)]
+    from vita_ext.cli import main
+
+    correct = 0
+    for i in picks:
+        png = tmp_path / f"digit_{i}.png"
+        digits.to_image(test.images[i]).save(png)
+        answer = _generate_in_process(main, str(png))
+        correct += answer.strip().startswith(str(test.labels[i]))
+    assert correct >= 9, f"{correct}/10 held-out digits answered correctly"
+    # and once as a user would, in a fresh process
+    i = picks[7]
+    res = subprocess.run([sys.executable, "-m", "vita_ext", "generate", "--image", str(tmp_path / f"digit_{i}.png"),
+                          "--prompt", "Which digit is this?"], capture_output=True, text=True, cwd=str(tmp_path),
+                         env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(test.labels[i]), (res.stdout, res.stderr)
+    assert "trained on handwritten digits" in res.stderr
+
+
+def _generate_in_process(main, image: str) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["generate", "--image", image, "--prompt", "Which digit is this?"]) == 0
+    return out.getvalue()
+
+
+def test_digits_evaluation_runs(split, tmp_path):
+    """The evaluation used for the results table, on a handful of cases with the shipped model."""
+    if digits_model_path() is None:
+        pytest.fail("vita_ext/assets/digits_model is missing")
+    model, processor, _, _ = default_model()
+    _, test = split
+    res = digits.evaluate(model, processor, test, str(tmp_path / "test_images"), lengths=(16,),
+                          sequences={16: 1}, singles=10)
+    assert set(res) >= {"single", "read@16", "find@16"} and 0 <= res["read@16"] <= 1
+    assert res["single"] >= 0.8
+    json.dumps(res)
+    torch.manual_seed(0)

@@ -377,7 +377,8 @@ def test_accumulated_loss_is_sum_over_all_supervised_tokens(checkpoint, data, tm
             torch.testing.assert_close(got[name], p.grad, atol=1e-7, rtol=1e-5)
     # the per-token average differs from the mean of the micro-batch means whenever counts differ
     if b1.num_supervised != b2.num_supervised:
-        assert loss != pytest.approx(0.5 * (float(s1) / b1.num_supervised + float(s2) / b2.num_supervised), rel=1e-9)
+        mean_of_means = 0.5 * (s1.item() / b1.num_supervised + s2.item() / b2.num_supervised)
+        assert loss != pytest.approx(mean_of_means, rel=1e-9)
 
 
 def test_recompute_gives_the_same_gradients(checkpoint, data, processor):

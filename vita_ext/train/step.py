@@ -17,9 +17,9 @@ single-process gradient exactly, up to summation order.
 
 Frozen parts run under ``torch.no_grad`` (a frozen ViT in eval mode too), so they keep no
 activations. With ``amp_dtype`` (bf16) the decoder runs under autocast with fp32 master weights; the
-vita_ext ops get operands cast to bf16 explicitly and run with autocast off (their C++ kernels' own
-ATen calls must not be re-cast). The ViT runs in fp32 outside autocast for the same reason: its
-attention calls ``attention_lse`` with autocast-produced operands.
+vita_ext ops the trainer calls itself (projector, attention, cross-entropy) get operands cast to
+bf16 explicitly and run with autocast off: the CPU projector kernel's own ATen calls must not be
+re-cast by autocast (it fails with mixed fp32/bf16 operands otherwise).
 """
 from __future__ import annotations
 
@@ -97,12 +97,11 @@ class PackedLoss:
         pixel_values = pixel_values.to(device=self.device, dtype=torch.float32)
         if not requires_grad(vit):
             vit.eval()
-            with torch.no_grad(), no_autocast(self.device):
+            with torch.no_grad():
                 step = self.vision_chunk_size
                 hidden = torch.cat([vit(pixel_values[i:i + step]) for i in range(0, pixel_values.shape[0], step)])
         else:
-            with no_autocast(self.device):
-                hidden = vit(pixel_values)
+            hidden = vit(pixel_values)
         if not requires_grad(self.model.model.vision_projection):
             with torch.no_grad():
                 return self._project(hidden)

@@ -51,9 +51,11 @@ def test_stage_records_are_valid_release_jsonl(split, tmp_path):
         ds = JsonlDataset(path, processor)
         samples = [ds.encode(i) for i in range(len(ds))]
         assert ds.report.num_bad == 0 and all(s is not None for s in samples)
-        if stage >= 3:
-            qa = sum(len(r["images"]) == 1 for r in records)
-            assert qa == round(0.1 / 0.9 * (len(records) - qa))  # the paper's 10% of stage-2 data
+        if stage >= 3:  # the paper's 10% of stage-2 data, as a share of the supervised tokens
+            qa = sum(digits.supervised_tokens(r) for r in records if len(r["images"]) == 1)
+            total = sum(digits.supervised_tokens(r) for r in records)
+            assert abs(qa / total - 0.1) < 0.01
+            assert all(digits.supervised_tokens(r) == int((s.labels != -100).sum()) for r, s in zip(records, samples))
     answers = {r["messages"][1]["content"] for r in digits.stage_records(1, paths, sub.labels, {0: 1})}
     assert answers <= {f"a handwritten {d}" for d in range(10)}
 

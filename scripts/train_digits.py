@@ -42,10 +42,10 @@ from vita_ext.train import digits  # noqa: E402
 
 # stage -> (settings overriding the preset, data sizes for stage_records)
 STAGES = {
-    1: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=60), {0: 1}),
-    2: (dict(seq_len=1024, lr=3e-3, min_lr=3e-5, max_steps=150), {0: 2}),
-    3: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=120), {4: 400, 16: 200, 64: 60}),
-    4: (dict(seq_len=2560, lr=5e-4, min_lr=5e-6, max_steps=30), {16: 60, 64: 30, 256: 20}),
+    1: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=100), {0: 2}),
+    2: (dict(seq_len=1024, lr=3e-3, min_lr=3e-5, max_steps=600), {0: 6}),
+    3: (dict(seq_len=1024, lr=5e-4, min_lr=5e-6, max_steps=400), {2: 600, 4: 800, 16: 500, 64: 150}),
+    4: (dict(seq_len=2560, lr=2.5e-4, min_lr=2.5e-6, max_steps=100), {16: 200, 64: 150, 256: 60}),
 }
 MARK_START, MARK_END = "<!-- digits-table:start -->", "<!-- digits-table:end -->"
 
@@ -149,7 +149,8 @@ def main() -> int:
     p.add_argument("--work", default=os.path.join(ROOT, "build", "digits"), help="working directory")
     p.add_argument("--stages", default="1,2,3,4", help="stages to run (the others are reused from --work)")
     p.add_argument("--steps", default=None, help="override max_steps per stage, e.g. 5,5,5,2 (smoke runs)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core machine two OpenMP threads ran up to 7x slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sequences", default="16:20,64:8,256:4", help="N:count of test sequences per task")
     p.add_argument("--eval-singles", type=int, default=None, help="test images to evaluate (default all)")

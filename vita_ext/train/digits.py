@@ -11,8 +11,10 @@ Tasks (all in the release JSONL format, media paths relative to the file):
 - stages 3-4, frames: N images, each after its 1-based number: "1<image>2<image>...N<image>\\n" then
   "Read the digits in order." -> the N digits ("7302..."), or
   "Which frame shows a 3?" -> "12" (exactly one frame shows that digit).
-  Stage 3 uses N in {4, 16, 64}, stage 4 N in {16, 64, 256}; 10% of their records are stage-2 data
-  (the paper's ratio).
+  Stage 3 uses N in {2, 4, 16, 64}, stage 4 N in {16, 64, 256}. Stage-2 data (single-image questions)
+  is mixed in at the paper's ratio of 0.1, which we read as 10% of the supervised tokens (the loss
+  is a per-supervised-token average, so that is 10% of the training signal; 10% of the records
+  would be ~1% of it, since a 256-frame answer has 258 supervised tokens and a single-image one 3).
 
 Evaluation (``evaluate``): greedy generation with the same processor and ``generate`` as the CLI, on
 the held-out images: single-image accuracy, and for N in {16, 64, 256} the per-digit accuracy of
@@ -143,7 +145,8 @@ def find_record(paths: list[str], frames: list[int], digit: int, k: int) -> dict
 def stage_records(stage: int, paths: list[str], labels: np.ndarray, sizes: dict[int, int], seed: int = 0,
                   stage2_ratio: float = 0.1) -> list[dict]:
     """Training records of a stage. sizes: for stages 3-4, {N frames: records per task}; for stages
-    1-2, {0: repeats of the training images}."""
+    1-2, {0: repeats of the training images}. stage2_ratio: share of the supervised tokens of stages
+    3-4 that come from single-image questions."""
     rng = random.Random(seed * 1000 + stage)
     records: list[dict] = []
     if stage == 1:
@@ -159,12 +162,23 @@ def stage_records(stage: int, paths: list[str], labels: np.ndarray, sizes: dict[
                 records.append(read_record(paths, labels, read_sequence(labels, n, rng)))
                 frames, digit, k = find_sequence(labels, n, rng)
                 records.append(find_record(paths, frames, digit, k))
-        extra = round(stage2_ratio / (1 - stage2_ratio) * len(records))
+        long_tokens = sum(supervised_tokens(r) for r in records)
+        extra = round(stage2_ratio / (1 - stage2_ratio) * long_tokens / QA_SUPERVISED)
         for _ in range(extra):
             i = rng.randrange(len(paths))
             records.append(qa_record(paths[i], int(labels[i]), rng))
     rng.shuffle(records)
     return records
+
+
+QA_SUPERVISED = 3  # "7" + "<|im_end|>" + "\n"
+
+
+def supervised_tokens(record: dict) -> int:
+    """Supervised tokens of a digits record: its answer (one token per digit here; the captions'
+    words are single tokens too) plus "<|im_end|>" and "\n"."""
+    answer = record["messages"][-1]["content"]
+    return (len(answer) if answer.isdigit() else len(answer.split()) + 1) + 2
 
 
 def write_jsonl(records: list[dict], path: str) -> str:

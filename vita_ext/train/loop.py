@@ -124,8 +124,10 @@ class Trainer:
             local = self.loss_sum(batch)
             (local / max(1, supervised)).backward()
             total += local.detach().double().cpu()
-        if self.cp:
+        if self.cp:  # on the model's device: NCCL reduces CUDA tensors only
+            total = total.to(self.device)
             dist.all_reduce(total, group=self.group)
+            total = total.cpu()
             all_reduce_grads(self.params, self.group)
         return float(total) / max(1, supervised), supervised
 

@@ -97,6 +97,8 @@ class Bench:
         self.compile_on = self._decide_compile()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 runs measure fp32, not tf32
+        elif args.quick:
+            torch.set_num_threads(1)  # a smoke run on a shared CPU: one thread spins less under contention
         self.note(f"device {harness.device_name(self.device)}, torch {torch.__version__}, dtype {args.dtype}, "
                   f"warmup {self.warmup}, reps {self.reps}{', quick' if args.quick else ''}")
 
@@ -144,13 +146,13 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - filtered below
             if is_oom(exc):
                 self.note(f"{provider} {what}: out of memory, skipped")
-                free(self.device)
-                return None
-            if provider.startswith(TOLERANT_PREFIXES):
-                self.note(f"{provider} {what}: failed, skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-                free(self.device)
-                return None
-            raise
+            elif provider.startswith(TOLERANT_PREFIXES):
+                first = (str(exc).splitlines() or [""])[0][:200]
+                self.note(f"{provider} {what}: failed, skipped ({type(exc).__name__}: {first})")
+            else:
+                raise
+        free(self.device)  # out here: the traceback's frames (and their tensors) are gone
+        return None
 
     # ---------------------------------------------------------------------------- measuring
     def time(self, provider: str, mode: str, x: str, fn: Callable, inputs: Sequence[tuple] = ((),),

@@ -10,6 +10,8 @@ positions), so M = T/2 supervised rows; T = 8192 and 32768; bf16. Modes: fwd (lo
   compile     torch.compile of eager_full (the reference)
   liger       Liger-Kernel's LigerFusedLinearCrossEntropyLoss on all T rows, if liger_kernel imports
               (carry its wheel with --no-deps); skipped with a note otherwise
+  liger_fp32acc  the same with accum_dtype=torch.float32 (fp32 gradient accumulation, as ours), where
+              the installed version has that argument
 Metrics: time (ms), effective TFLOP/s (2*M*H*V fwd, 6*M*H*V fwd_bwd), frac_of_peak (vs an 8192^3 GEMM
 in the same run), frac_of_gemm (vs the logits GEMM [M, H] x [H, V] alone), speedup_vs_<provider>,
 peak_memory, extra_memory (= peak - the gradient outputs dH and dW) and extra_vs_reference (extra /
@@ -46,31 +48,44 @@ def eager_full(h, w, labels):
     return reference.masked_linear_cross_entropy(h, w, labels, IGNORE)
 
 
-def liger_provider(b: Bench):
-    """Liger-Kernel's fused linear cross-entropy as f(h, w, labels), or None (with a printed note)."""
-    if not b.wants("liger"):
-        return None
+def liger_providers(b: Bench) -> dict:
+    """Liger-Kernel's fused linear cross-entropy as f(h, w, labels): 'liger' (its defaults) and, where its
+    loss takes accum_dtype, 'liger_fp32acc' (fp32 gradient accumulation, as ours does). Empty (with a printed
+    note) when it cannot run here."""
+    if not (b.wants("liger") or b.wants("liger_fp32acc")):
+        return {}
     if b.device.type != "cuda":
         b.note("liger skipped: its Triton kernels need a CUDA device")
-        return None
+        return {}
     try:
+        import liger_kernel  # noqa: F401
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         b.note(f"liger skipped: liger_kernel is not importable ({type(exc).__name__}: {exc}); carry its wheel "
-               "(pip download --no-deps liger-kernel) to compare with it")
-        return None
+               "(see RESULTS.md) to compare with it")
+        return {}
+    import importlib.metadata
+    import inspect
+
     try:
-        import liger_kernel
-        b.note(f"liger: liger_kernel {getattr(liger_kernel, '__version__', '?')}")
-    except Exception:  # noqa: BLE001
-        pass
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+        version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    b.note(f"liger: liger-kernel {version}")
 
-    def run(h, w, labels):
-        out = loss(w, h, labels)
-        return out[0] if isinstance(out, tuple) else out
+    def make(**kwargs):
+        loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, **kwargs)
 
-    return run
+        def run(h, w, labels):
+            out = loss(w, h, labels)
+            return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+
+        return run
+
+    out = {"liger": make()}
+    if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss.__init__).parameters:
+        out["liger_fp32acc"] = make(accum_dtype=torch.float32)
+    return {k: v for k, v in out.items() if b.wants(k)}
 
 
 def make_inputs(t, hidden, vocab, dtype, device, sets):
@@ -97,7 +112,7 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     peak = b.gemm_peak(*(3 * (64 if args.quick else 8192,)), label="64^3" if args.quick else "8192^3")
     fns = {"ours": ours, "eager": eager, "eager_full": eager_full,
-           "compile": b.compiled(eager_full) if b.compile_on else None, "liger": liger_provider(b)}
+           "compile": b.compiled(eager_full) if b.compile_on else None, **liger_providers(b)}
     fns = {k: v for k, v in fns.items() if v is not None}
     elt = torch.finfo(b.dtype).bits // 8
     for t in tokens:

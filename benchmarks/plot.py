@@ -1,7 +1,7 @@
 """Draw each op's benchmark rows to a PNG: one panel per (mode, metric), providers as grouped bars with
 p20-p80 whiskers, the same-run ceilings (GEMM TFLOP/s, copy GB/s) as dashed lines.
 
-    python benchmarks/plot.py [--csv results.csv ...] [--out benchmarks/plots] [--ops a,b]
+    python benchmarks/plot.py [--csv results.csv ...] [--out benchmarks/plots] [--ops a,b] [--merge-to PATH]
 
 When a CSV holds several runs of the same measurement, the last row appended wins. Rows of different
 devices go to different files (<op>__<device>.png); with one device the file is <op>.png.
@@ -34,6 +34,16 @@ def latest(rows: list[dict]) -> list[dict]:
     for r in rows:
         keep[(r["op"], r["device"], r["provider"], r["mode"], r["metric"], r["x"])] = r
     return list(keep.values())
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    import csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=harness.FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in harness.FIELDS} for r in rows)
 
 
 def slug(text: str) -> str:
@@ -120,11 +130,15 @@ def main(argv=None) -> int:
     p.add_argument("--csv", nargs="+", default=[harness.DEFAULT_CSV], help="results CSV(s) to read")
     p.add_argument("--out", default=os.path.join(HERE, "plots"), help="folder for the PNGs")
     p.add_argument("--ops", default=None, help="comma-separated ops to draw (default: all in the CSV)")
+    p.add_argument("--merge-to", default=None,
+                   help="also write the rows drawn (the last of each measurement over all --csv) to this CSV")
     args = p.parse_args(argv)
     rows = latest([r for path in args.csv for r in harness.read_rows(path)])
     if args.ops:
         wanted = set(args.ops.split(","))
         rows = [r for r in rows if r["op"] in wanted]
+    if args.merge_to:
+        write_csv(rows, args.merge_to)
     os.makedirs(args.out, exist_ok=True)
     by_op: OrderedDict = OrderedDict()
     for r in rows:

@@ -80,9 +80,12 @@ def test_plot_draws_every_op(quick_runs, tmp_path):
     csvs = [path for proc, path in quick_runs.values() if proc.returncode == 0]
     assert len(csvs) == len(OPS)
     out = tmp_path / "plots"
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "plot.py"), "--csv", *csvs, "--out", str(out)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    merged = tmp_path / "merged.csv"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "plot.py"), "--csv", *csvs, "--out", str(out),
+                           "--merge-to", str(merged)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(len(harness.read_rows(c)) for c in csvs) == len(harness.read_rows(str(merged)))
     for op in OPS.values():
         png = out / f"{op}.png"
         assert png.exists() and png.stat().st_size > 1000, f"missing {png}"

@@ -175,14 +175,16 @@ class Bench:
         inputs = list(inputs)
         reps = self.reps
         if not self.args.quick:
-            # one timed call after the warm-up tells how many reps fit in --max-seconds
-            _, one, _ = harness.time_ms(fn, inputs, self.device, warmup=self.warmup, reps=1)
-            fit = int(self.args.max_seconds * 1e3 / max(one, 1e-3))
+            # one call after one warm-up tells how many reps (and further warm-ups) fit in --max-seconds
+            _, one, _ = harness.time_ms(fn, inputs, self.device, warmup=1, reps=1)
+            budget_ms = self.args.max_seconds * 1e3
+            fit = int(budget_ms / max(one, 1e-3))
             if fit < reps:
                 reps = max(MIN_REPS, fit)
                 self.note(f"{what}: {one:.1f} ms per call, reps cut to {reps} to fit --max-seconds "
                           f"{self.args.max_seconds:g}")
-            return harness.time_ms(fn, inputs, self.device, warmup=0, reps=reps)
+            warmup = max(0, self.warmup - 2) if one * self.warmup < budget_ms / 4 else 0
+            return harness.time_ms(fn, inputs, self.device, warmup=warmup, reps=reps)
         return harness.time_ms(fn, inputs, self.device, warmup=self.warmup, reps=reps)
 
     def memory(self, provider: str, mode: str, x: str, fn: Callable, minus: int = 0,

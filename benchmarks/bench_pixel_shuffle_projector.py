@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import _common
 from _common import Bench, grad_fn, leaf
 
+import vita_ext  # noqa: E402
+
 OP = "pixel_shuffle_projector"
 
 
@@ -44,8 +46,6 @@ def eager(x, ln_weight, ln_bias, w1, w2, eps: float = 1e-5):
 
 
 def ours(x, ln_weight, ln_bias, w1, w2, eps: float = 1e-5):
-    import vita_ext
-
     return vita_ext.pixel_shuffle_projector(x, ln_weight, ln_bias, w1, w2, eps)
 
 

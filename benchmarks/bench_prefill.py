@@ -13,8 +13,9 @@ inference_mode. Heads (providers):
   chunked   the same logits computed --chunk rows at a time (each chunk's fp32 logits dropped after use),
             so memory is O(chunk x V) but the FLOPs stay 2*S*H*V
   masked    vita_ext.masked_lm_head at the last position only (the paper's logits-masked head)
-Rows (op prefill, mode "L<layers>/<attention>"): time (ms) and peak_memory (absolute bytes, weights
-included) at each length S a head survives; speedup_vs_original / speedup_vs_chunked of the masked head
+Rows (op prefill, mode "L<layers>/<attention>"): time (ms; --reps runs, default 3, while every head
+survives, then one run per length) and peak_memory (absolute bytes, weights included) at each length S
+a head survives; speedup_vs_original / speedup_vs_chunked of the masked head
 where both survive; max_tokens per head (x "oom": the longest length that ran, with first_oom_tokens the
 shortest that did not; x "cap": no OOM up to the longest length tried, or "budget": stopped by
 --time-budget); weights_memory and kv_cache_per_token of the model.
@@ -212,7 +213,9 @@ def main(argv=None) -> int:
         for head in heads:
             if head in stop:
                 continue
-            ok = r.run(head, s)
+            # the timing table needs lengths every head survives; past the first stop one run per length
+            # finds the limits sooner
+            ok = r.run(head, s, reps=1 if stop else None)
             if ok:
                 good[head] = s
             elif ok is False:

@@ -179,7 +179,7 @@ class Bench:
             _, one, _ = harness.time_ms(fn, inputs, self.device, warmup=1, reps=1)
             budget_ms = self.args.max_seconds * 1e3
             fit = int(budget_ms / max(one, 1e-3))
-            if fit < reps:
+            if fit < reps and max(MIN_REPS, fit) < reps:
                 reps = max(MIN_REPS, fit)
                 self.note(f"{what}: {one:.1f} ms per call, reps cut to {reps} to fit --max-seconds "
                           f"{self.args.max_seconds:g}")
@@ -231,6 +231,12 @@ class Bench:
         tflops = harness.gemm_tflops(m, n, k, self.dtype, self.device, reps=reps)
         self.row("ceiling", "gemm", "tflops", "TFLOP/s", label, tflops)
         return tflops
+
+    def device_peak(self) -> float:
+        """The same-run GEMM peak: an 8192^3 product on CUDA (256^3 on a CPU, whose bf16 GEMMs are slow;
+        64^3 with --quick)."""
+        n = 64 if self.args.quick else (8192 if self.device.type == "cuda" else 256)
+        return self.gemm_peak(n, n, n, label=f"{n}^3")
 
     def copy_peak(self, nbytes: int) -> float:
         """Same-run device-to-device copy bandwidth (harness.copy_gbps), recorded as a ceiling row."""

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     vocab = args.vocab or (1003 if args.quick else 152064)
     tokens = _common.ints(args.tokens or ("64,96" if args.quick else "8192,32768"))
     modes = args.modes.split(",")
-    peak = b.gemm_peak(*(3 * (64 if args.quick else 8192,)), label="64^3" if args.quick else "8192^3")
+    peak = b.device_peak()
     fns = {"ours": ours, "eager": eager, "eager_full": eager_full,
            "compile": b.compiled(eager_full) if b.compile_on else None, **liger_providers(b)}
     fns = {k: v for k, v in fns.items() if v is not None}

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     else:
         length, c, d1, d2, tiles = 1024, 1024, 1024, 5120, args.tiles or "64,1024"
     modes = args.modes.split(",")
-    peak = b.gemm_peak(*(3 * (64 if args.quick else 8192,)), label="8192^3" if not args.quick else "64^3")
+    peak = b.device_peak()
     eager_c = b.compiled(eager) if b.compile_on else None
     for n in _common.ints(tiles):
         x_label = f"N={n}"

@@ -175,7 +175,7 @@ def test_qwen2_generate_static_cache_identical():
     ids = torch.randint(0, V, (1, 9))
     kw = dict(max_new_tokens=5, do_sample=False, cache_implementation="static")
     assert torch.equal(pat.generate(ids, **kw), ref.generate(ids, **kw))
-    assert vt.ATTENTION_CALLS["vita_ext"] >= 2  # the prefill into the larger static cache is served
+    assert vt.ATTENTION_CALLS == {"vita_ext": 2 * 5}  # prefill and decode, empty cache slots sliced off
 
 
 def test_left_padded_batch_is_served_and_matches():
@@ -188,6 +188,8 @@ def test_left_padded_batch_is_served_and_matches():
     out_ref, out_pat = ref(input_ids=ids, attention_mask=mask), pat(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out_pat.logits, out_ref.logits, **TOL)  # padded rows too (both give 0 attention)
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(pat.generate(ids, **kw), ref.generate(ids, **kw))
+    kw["cache_implementation"] = "static"
     assert torch.equal(pat.generate(ids, **kw), ref.generate(ids, **kw))
     assert set(vt.ATTENTION_CALLS) == {"vita_ext"}
 
@@ -394,6 +396,22 @@ def test_subclass_overriding_forward_or_biased_head_is_refused():
     biased.lm_head = nn.Linear(64, V, bias=True)
     with pytest.raises(ValueError, match="bias-free"):
         vita_ext.patch_qwen2(biased)
+
+
+def test_forward_wrapped_by_someone_else_is_not_overwritten():
+    model = qwen2()
+    original = Qwen2ForCausalLM.forward
+
+    def hooked(*args, **kwargs):  # what accelerate's hooks do under device_map
+        return original(model, *args, **kwargs)
+
+    model.forward = hooked
+    with pytest.raises(ValueError, match="already wrapped on this instance"):
+        vita_ext.patch_qwen2(model)
+    assert model.forward is hooked and model.config._attn_implementation == "sdpa"
+    vita_ext.patch_qwen2(model, lm_head=False)
+    vita_ext.unpatch(model)
+    assert model.forward is hooked
 
 
 def test_transformers_version_outside_tested_range_warns(monkeypatch):

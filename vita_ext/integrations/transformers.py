@@ -12,8 +12,8 @@ What is replaced, and how (numbers equal the unpatched model's up to float round
   name in ``AttentionMaskInterface`` (so padding is never dropped). An instance patch switches the model
   (and its vision tower) to it with ``model.set_attn_implementation("vita_ext")``; importing this module
   also lets ``from_pretrained(..., attn_implementation="vita_ext")`` pick it. RoPE and the KV cache stay
-  HF's. Served: no mask (plain causal, including KV-cache decode, bottom-right aligned), and left padding
-  (each row's keys start after its padding, e.g. batched ``generate``). Anything else -- right padding,
+  HF's. Served: no mask (plain causal, including KV-cache decode, bottom-right aligned), left padding
+  (each row's keys start after its padding, e.g. batched ``generate``) and static-cache slots. Anything else -- right padding,
   packed sequences, custom 4D masks, attention dropout, softcap, sinks, paged caches -- runs HF's own
   sdpa function with the same mask (counted in ``ATTENTION_CALLS`` and warned about once per reason).
 - LM head + loss. ``forward`` of ``Qwen2ForCausalLM`` / ``InternVLForConditionalGeneration`` is
@@ -104,21 +104,25 @@ def _check_version() -> None:
 _MASK_CACHE: dict = {}
 
 
-def _left_padding(mask, sq: int, sk: int):
-    """Per-row left-padding lengths [B] if ``mask`` is exactly "bottom-right causal and key j >= pad[b]",
-    else None. The check costs as much as building the mask did; layers share one mask object, so it is
-    cached on that object."""
+def _key_ranges(mask, sq: int, sk: int):
+    """Per-row key ranges [(lo, hi)] if ``mask`` is exactly "key j in [lo, hi) and j <= i + hi - Sq" (causal,
+    bottom-right aligned to the range's end) for every row, else None. lo > 0 is left padding; hi < Sk are
+    the empty slots of a static cache. The check costs as much as building the mask did; layers share one
+    mask object, so the answer is cached on that object."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (sq, sk):
         return None
     cached = _MASK_CACHE.get("entry")
     if cached is not None and cached[0]() is mask and cached[1] == mask._version:
         return cached[2]
     m = mask[:, 0]
-    pads = (~m[:, -1, :]).to(torch.int32).cumprod(-1).sum(-1)  # leading masked keys of the last query
-    i = torch.arange(sq, device=m.device)[:, None]
-    j = torch.arange(sk, device=m.device)[None, :]
-    expected = (j <= i + (sk - sq))[None] & (j[None] >= pads[:, None, None])
-    result = pads.tolist() if torch.equal(m, expected) and int(pads.max()) < sk else None
+    masked_last = (~m[:, -1, :]).to(torch.int32)  # the last query sees every key of its range
+    lo = masked_last.cumprod(-1).sum(-1)
+    hi = sk - masked_last.flip(-1).cumprod(-1).sum(-1)
+    i = torch.arange(sq, device=m.device)[None, :, None]
+    j = torch.arange(sk, device=m.device)[None, None, :]
+    expected = (j >= lo[:, None, None]) & (j <= i + (hi[:, None, None] - sq))
+    ok = bool((hi > lo).all()) and torch.equal(m, expected)
+    result = list(zip(lo.tolist(), hi.tolist())) if ok else None
     _MASK_CACHE["entry"] = (weakref.ref(mask), mask._version, result)
     return result
 
@@ -153,10 +157,10 @@ def vita_ext_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     sq, sk = query.shape[2], key.shape[2]
     reason = _unsupported(query, key, value, attention_mask, dropout, kwargs)
-    pads = None
+    ranges = None
     if reason is None and attention_mask is not None:
-        pads = _left_padding(attention_mask, sq, sk)
-        if pads is None:
+        ranges = _key_ranges(attention_mask, sq, sk)
+        if ranges is None:
             reason = "attention mask other than causal + left padding"
     if reason is None and attention_mask is None and causal and 1 < sk < sq:
         reason = "fewer keys than queries"
@@ -173,11 +177,13 @@ def vita_ext_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         if causal and 1 < sq < sk:  # prefill into a static cache: keys past Sq are empty slots (cf. sdpa)
             k, v = k[:, :sq], v[:, :sq]
         return attention_lse(q, k, v, causal=causal, softmax_scale=scaling)[0], None
-    # Left padding: slicing the padded keys off the front keeps the bottom-right causal alignment.
-    if len(set(pads)) == 1:
-        return attention_lse(q, k[:, pads[0]:], v[:, pads[0]:], causal=True, softmax_scale=scaling)[0], None
-    rows = [attention_lse(q[b:b + 1], k[b:b + 1, p:], v[b:b + 1, p:], causal=True, softmax_scale=scaling)[0]
-            for b, p in enumerate(pads)]
+    # Each row attends causally to its key range [lo, hi), bottom-right aligned to hi (left padding, static
+    # cache slots): slicing the range out keeps that alignment, so attention_lse needs no mask.
+    if len(set(ranges)) == 1:
+        lo, hi = ranges[0]
+        return attention_lse(q, k[:, lo:hi], v[:, lo:hi], causal=True, softmax_scale=scaling)[0], None
+    rows = [attention_lse(q[b:b + 1], k[b:b + 1, lo:hi], v[b:b + 1, lo:hi], causal=True, softmax_scale=scaling)[0]
+            for b, (lo, hi) in enumerate(ranges)]
     return torch.cat(rows, dim=0), None
 
 
@@ -383,6 +389,9 @@ def _fused_get_image_features(self, pixel_values, vision_feature_layer=None, vis
     return vision_outputs
 
 
+_fused_get_image_features._vita_ext = True
+
+
 def _class_get_image_features(self, *args, **kwargs):
     """Class-level patch: the fused path where the configuration allows it, HF's original otherwise."""
     problems = _projector_problems(self)
@@ -430,6 +439,15 @@ def _plain_head_problem(model) -> str | None:
     if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         return f"lm_head is {type(lm_head).__name__} (bias={getattr(lm_head, 'bias', None) is not None}), " \
                "not a bias-free nn.Linear (pass lm_head=False)"
+    return None
+
+
+def _wrapped_instance_problem(model, attr: str) -> str | None:
+    """Someone else (e.g. accelerate's hooks under device_map) already replaced ``attr`` on this instance;
+    replacing it again would drop their wrapper, so the instance patch refuses."""
+    if attr in model.__dict__ and not getattr(model.__dict__[attr], "_vita_ext", False):
+        return (f"{type(model).__name__}.{attr} is already wrapped on this instance (e.g. by accelerate hooks); "
+                "use the class-level patch (no model argument) or switch this part off")
     return None
 
 
@@ -491,6 +509,8 @@ def patch_qwen2(model: nn.Module | None = None, *, lm_head: bool = True, attenti
         problems.append(f"{type(model).__name__} overrides forward (pass lm_head=False to patch attention only)")
     if head and (p := _plain_head_problem(model)):
         problems.append(p)
+    if head and (p := _wrapped_instance_problem(model, "forward")):
+        problems.append(p)
     if problems:
         raise ValueError("vita_ext.patch_qwen2: cannot patch this model: " + "; ".join(problems))
     unpatch(model)
@@ -547,6 +567,10 @@ def patch_internvl(model: nn.Module | None = None, *, lm_head: bool = True, atte
     if head and _overrides(type(model), cg, "forward"):
         problems.append(f"{type(model).__name__} overrides forward (pass lm_head=False)")
     if head and (p := _plain_head_problem(model)):
+        problems.append(p)
+    if head and (p := _wrapped_instance_problem(model, "forward")):
+        problems.append(p)
+    if projector and (p := _wrapped_instance_problem(core, "get_image_features")):
         problems.append(p)
     if problems:
         raise ValueError("vita_ext.patch_internvl: cannot patch this model: " + "; ".join(problems))

@@ -29,7 +29,7 @@ def masked_linear_cross_entropy(hidden_states: Tensor, weight: Tensor, labels: T
             'sum', or 'none' (per-row loss, 0 at ignored rows).
 
     Returns:
-        fp32 loss: a scalar, or [T] (labels' shape) for reduction='none'. Matches
+        fp32 loss (fp64 for fp64 inputs): a scalar, or [T] (labels' shape) for reduction='none'. Matches
         ``F.cross_entropy(F.linear(h, W).float(), labels, ignore_index=..., reduction=...)``.
 
     Raises:
@@ -56,16 +56,25 @@ def masked_linear_cross_entropy(hidden_states: Tensor, weight: Tensor, labels: T
     return loss.reshape(lead) if reduction == "none" else loss
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The kernels accumulate, and return the loss, in fp32 -- in fp64 for fp64 inputs (gradcheck).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("vita_ext::masked_linear_cross_entropy")
 def _fake(hidden_states, weight, labels, ignore_index, reduction):
     t = hidden_states.shape[0]
     loss_shape = (t,) if reduction == "none" else ()
-    return hidden_states.new_empty(loss_shape, dtype=torch.float32), hidden_states.new_empty((t,), dtype=torch.float32)
+    acc = _acc_dtype(hidden_states.dtype)
+    # lse is fp64 whatever the input dtype: the backward's exp(logit - lse) needs it exact to ~1e-7
+    # absolute, which an fp32 lse of magnitude ~16 is not.
+    return hidden_states.new_empty(loss_shape, dtype=acc), hidden_states.new_empty((t,), dtype=torch.float64)
 
 
 @torch.library.register_fake("vita_ext::masked_linear_cross_entropy_backward")
 def _fake_backward(grad_loss, hidden_states, weight, labels, lse, ignore_index, reduction):
-    return torch.empty_like(hidden_states), torch.empty_like(weight)
+    # The kernels return contiguous gradients whatever the inputs' strides.
+    return hidden_states.new_empty(hidden_states.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -223,6 +223,44 @@ def test_packed_sequences_fall_back_explicitly():
     assert "vita_ext" not in vt.ATTENTION_CALLS
 
 
+# ----------------------------------------------------------------------------------- attention function
+
+def _ranges_mask(b, sq, sk, ranges):
+    i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+    return torch.stack([(j >= lo) & (j <= i + hi - sq) for lo, hi in ranges])[:, None]
+
+
+@pytest.mark.parametrize("case", ["causal", "decode", "static_prefill", "bidirectional", "ranges", "same_ranges",
+                                  "other_mask", "fewer_keys"])
+def test_attention_function_matches_sdpa(case):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, hq, hkv, d = 3, 4, 2, 16
+    sq, sk = {"decode": (1, 9), "static_prefill": (5, 12), "fewer_keys": (6, 4)}.get(case, (7, 7))
+    if case in ("ranges", "same_ranges"):
+        sq, sk = 3, 10
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = case != "bidirectional", hq // hkv, False
+    q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hkv, sk, d), torch.randn(b, hkv, sk, d)
+    mask = None
+    if case == "ranges":
+        mask = _ranges_mask(b, sq, sk, [(0, 10), (4, 10), (2, 8)])
+    elif case == "same_ranges":
+        mask = _ranges_mask(b, sq, sk, [(1, 8)] * b)
+    elif case == "other_mask":
+        mask = torch.rand(b, 1, sq, sk) < 0.7
+        mask[..., 0] = True
+    served = case not in ("other_mask", "fewer_keys")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours, weights = vt.vita_ext_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert len(caught) == (0 if served else 1)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert weights is None and ours.shape == (b, sq, hq, d)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    assert sum(vt.ATTENTION_CALLS.values()) == 1 and ("vita_ext" in vt.ATTENTION_CALLS) == served
+
+
 # ----------------------------------------------------------------------------------------------- InternVL
 
 def _images_and_ids(model, b=2, s=30):

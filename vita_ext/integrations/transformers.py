@@ -162,7 +162,7 @@ def vita_ext_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         ranges = _key_ranges(attention_mask, sq, sk)
         if ranges is None:
             reason = "attention mask other than causal + left padding"
-    if reason is None and attention_mask is None and causal and 1 < sk < sq:
+    if reason is None and attention_mask is None and causal and sk < sq:  # sdpa aligns top-left there
         reason = "fewer keys than queries"
     if reason is not None:
         ATTENTION_CALLS["fallback:" + reason] += 1

@@ -481,7 +481,12 @@ def _profile_step(model, ids):
     return peak, largest
 
 
-def test_training_step_on_long_sequence_avoids_the_logits():
+def test_training_step_on_long_sequence_avoids_the_logits(monkeypatch):
+    """HF's step allocates the [T, V] fp32 logits (and as large softmax / gradient buffers); the patched step
+    never does. The CE kernel tiles its logits at up to 256 MB (VITA_EXT_CE_ROW_CHUNK rows), far below
+    real [T, V] sizes (1M x 152K x 4 bytes = 608 GB) but above this test's 32 MB logits, so the test sets a
+    256-row tile: the same code path, scaled down."""
+    monkeypatch.setenv("VITA_EXT_CE_ROW_CHUNK", "256")
     vocab, tokens = 4096, 2048
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=tokens,
@@ -492,6 +497,6 @@ def test_training_step_on_long_sequence_avoids_the_logits():
     logits_bytes = tokens * vocab * 4
     peak_ref, largest_ref = _profile_step(ref, ids)
     peak_pat, largest_pat = _profile_step(pat, ids)
-    assert largest_ref >= logits_bytes  # HF materialises the [T, V] fp32 logits (and their gradient)
-    assert largest_pat < logits_bytes // 4
-    assert peak_pat < peak_ref - logits_bytes
+    assert largest_ref >= logits_bytes
+    assert largest_pat <= logits_bytes // 8
+    assert peak_pat < peak_ref - 2 * logits_bytes

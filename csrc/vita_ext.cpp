@@ -26,7 +26,8 @@ TORCH_LIBRARY(vita_ext, m) {
 
   // Cross-entropy of (hidden_states @ weight^T) against labels without materialising [T, V] logits;
   // rows with label == ignore_index never reach the vocabulary GEMM. reduction: 'mean'|'sum'|'none'.
-  // Returns (loss fp32: [] or [T], lse fp32 [T], 0 at ignored rows) -- lse is kept for the backward.
+  // Returns (loss fp32: [] or [T], lse fp64 [T], 0 at ignored rows) -- lse is kept for the backward; fp64
+  // because exp(logit - lse) in the backward scales a whole row by lse's rounding error.
   m.def("masked_linear_cross_entropy(Tensor hidden_states, Tensor weight, Tensor labels, "
         "int ignore_index, str reduction) -> (Tensor, Tensor)");
   // Gradients w.r.t. (hidden_states, weight); grad_loss has the loss's shape. dW accumulates in fp32.

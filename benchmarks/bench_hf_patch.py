@@ -25,7 +25,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _path in (HERE, os.path.dirname(HERE)):  # harness, and vita_ext from a source checkout
+    if _path not in sys.path:
+        sys.path.insert(1 if _path != HERE else 0, _path)
 import harness  # noqa: E402
 from harness import Row  # noqa: E402
 

@@ -485,9 +485,9 @@ def test_training_step_on_long_sequence_avoids_the_logits(monkeypatch):
     """HF's step allocates the [T, V] fp32 logits (and as large softmax / gradient buffers); the patched step
     never does. The CE kernel tiles its logits at up to 256 MB (VITA_EXT_CE_ROW_CHUNK rows), far below
     real [T, V] sizes (1M x 152K x 4 bytes = 608 GB) but above this test's 32 MB logits, so the test sets a
-    256-row tile: the same code path, scaled down."""
+    256-row tile (8 MB): the same code path, scaled down."""
     monkeypatch.setenv("VITA_EXT_CE_ROW_CHUNK", "256")
-    vocab, tokens = 4096, 2048
+    vocab, tokens = 8192, 1024
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=tokens,
                       tie_word_embeddings=False)
@@ -498,5 +498,5 @@ def test_training_step_on_long_sequence_avoids_the_logits(monkeypatch):
     peak_ref, largest_ref = _profile_step(ref, ids)
     peak_pat, largest_pat = _profile_step(pat, ids)
     assert largest_ref >= logits_bytes
-    assert largest_pat <= logits_bytes // 8
-    assert peak_pat < peak_ref - 2 * logits_bytes
+    assert largest_pat <= logits_bytes // 4
+    assert peak_pat < peak_ref - logits_bytes and 4 * peak_pat < peak_ref

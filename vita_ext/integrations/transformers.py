@@ -13,9 +13,10 @@ What is replaced, and how (numbers equal the unpatched model's up to float round
   (and its vision tower) to it with ``model.set_attn_implementation("vita_ext")``; importing this module
   also lets ``from_pretrained(..., attn_implementation="vita_ext")`` pick it. RoPE and the KV cache stay
   HF's. Served: no mask (plain causal, including KV-cache decode, bottom-right aligned), left padding
-  (each row's keys start after its padding, e.g. batched ``generate``) and static-cache slots. Anything else -- right padding,
-  packed sequences, custom 4D masks, attention dropout, softcap, sinks, paged caches -- runs HF's own
-  sdpa function with the same mask (counted in ``ATTENTION_CALLS`` and warned about once per reason).
+  (each row's keys start after its padding, e.g. batched ``generate``) and empty static-cache slots.
+  Anything else -- right padding, packed sequences, custom 4D masks, attention dropout, softcap, sinks,
+  paged caches -- runs HF's own sdpa function with the same mask (counted in ``ATTENTION_CALLS`` and
+  warned about once per reason).
 - LM head + loss. ``forward`` of ``Qwen2ForCausalLM`` / ``InternVLForConditionalGeneration`` is
   replaced: logits are computed with ``masked_lm_head`` at the ``logits_to_keep`` positions only; with
   ``labels`` the loss is ``masked_linear_cross_entropy`` (HF's ``ForCausalLMLoss``: labels shifted, fp32,

@@ -97,8 +97,7 @@ def test_fp64_lse_dtype():
     q, k, v = _qkv((1, 3, 4, 2, 1, 8), "cpu")
     _, lse = vita_ext.attention_lse(q, k, v)
     assert lse.dtype == torch.float64
-    fake = torch.library.opcheck(torch.ops.vita_ext.attention_lse.default, (q, k, v, False, 0.5, None))
-    assert all(v == "SUCCESS" for v in fake.values())
+    torch.library.opcheck(torch.ops.vita_ext.attention_lse.default, (q, k, v, False, 0.5, None))  # fake agrees
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,7 +179,6 @@ def test_gradcheck(case):
         kwargs = dict(causal=True)
     inputs = [t.requires_grad_() for t in (q, k, v)]
     assert torch.autograd.gradcheck(lambda *a: vita_ext.attention_lse(*a, **kwargs), inputs)
-    assert torch.autograd.gradgradcheck is not None  # (no double backward: the backward is an opaque op)
 
 
 def test_ring_backward_with_global_out_lse(device):

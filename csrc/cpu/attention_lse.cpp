@@ -19,6 +19,11 @@
 // autograd and breaks the 2x rule in a few % of random draws; fp64 math leaves only the final fp32
 // rounding of lse and out (~0.3x). The price is fp64 GEMMs (~2x) for fp32 inputs on the CPU.
 // Cost: 10 (or 14) * Sq * Sk_visible * D * Hq * B FLOPs.
+//
+// NOTE: at::parallel_for is a header template; it runs serially unless this file is compiled with
+// -fopenmp (ATen/Parallel-inl.h falls back to one thread when _OPENMP is undefined), so setup.py must
+// pass -fopenmp for these kernels to use more than one core. Inside the parallel region the tile GEMMs
+// and exp run single-threaded (MKL and ATen see the OpenMP region).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

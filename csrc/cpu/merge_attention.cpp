@@ -6,6 +6,7 @@
 // out/lse may be strided views (ring attention merges into chunks of a larger buffer): rows are
 // addressed through their (b, s, h) strides, the last dim of out and block_out has stride 1.
 // Cost: 3 * B * S * H * D FLOPs; bytes: out read + written, block_out read, 4 lse values per row.
+// (at::parallel_for is only parallel when compiled with -fopenmp; see cpu/attention_lse.cpp.)
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

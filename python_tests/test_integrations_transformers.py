@@ -418,7 +418,16 @@ def test_unsupported_model_class_raises():
         vita_ext.patch_qwen2(llama)
     with pytest.raises(TypeError, match="unsupported model class Qwen2ForCausalLM"):
         vita_ext.patch_internvl(qwen2())
+    with pytest.raises(TypeError, match="vita_ext.patch: unsupported model class LlamaForCausalLM"):
+        vita_ext.patch(llama)
     assert llama.config._attn_implementation == "sdpa" and "forward" not in llama.__dict__
+
+
+def test_generic_patch_dispatches_on_the_class():
+    model = qwen2()
+    assert vita_ext.patch(model) is model and vt._STATE_ATTR in model.__dict__
+    vita_ext.unpatch(model)
+    assert vt._STATE_ATTR not in model.__dict__
 
 
 def test_subclass_overriding_forward_or_biased_head_is_refused():

@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "vita_ext.integrations.transformers needs Hugging Face transformers 5.23 "
         f"(`pip install vita_ext[hf]`); importing it failed: {exc}") from exc
 
-__all__ = ["ATTN_IMPLEMENTATION", "ATTENTION_CALLS", "TESTED_TRANSFORMERS", "patch_internvl", "patch_qwen2",
+__all__ = ["ATTN_IMPLEMENTATION", "ATTENTION_CALLS", "TESTED_TRANSFORMERS", "patch", "patch_internvl", "patch_qwen2",
            "unpatch", "vita_ext_attention_forward"]
 
 ATTN_IMPLEMENTATION = "vita_ext"
@@ -598,3 +598,17 @@ def unpatch(model: nn.Module | None = None):
     if "image_features" in state:
         del state["image_features"].get_image_features
     return model
+
+
+def patch(model: nn.Module, **options):
+    """Patch a transformers model instance with vita_ext's kernels, choosing by its class:
+    InternVL models go to ``patch_internvl``, Qwen2 models to ``patch_qwen2`` (options are passed on).
+
+    Returns the model. Raises TypeError for any other class (nothing is changed).
+    """
+    if isinstance(model, (_internvl.InternVLForConditionalGeneration, _internvl.InternVLModel)):
+        return patch_internvl(model, **options)
+    if isinstance(model, (_qwen2.Qwen2ForCausalLM, _qwen2.Qwen2Model)):
+        return patch_qwen2(model, **options)
+    raise TypeError(f"vita_ext.patch: unsupported model class {type(model).__name__}; supported: Qwen2ForCausalLM, "
+                    "Qwen2Model, InternVLForConditionalGeneration, InternVLModel (nothing was changed)")

@@ -27,8 +27,8 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax
             (block-diagonal, causal within a block when causal=True). No [S, S] mask is built.
 
     Returns:
-        (out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] fp32, natural log). A query row that sees no
-        key gets out = 0 and lse = -inf.
+        (out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] fp32 (fp64 for fp64 inputs, CPU only: that is
+        what gradcheck needs), natural log). A query row that sees no key gets out = 0 and lse = -inf.
 
     Raises:
         RuntimeError naming the argument on a wrong dtype, device, shape, head ratio, cu_seqlens
@@ -44,7 +44,8 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax
 @torch.library.register_fake("vita_ext::attention_lse")
 def _fake(q, k, v, causal, softmax_scale, cu_seqlens):
     b, sq, hq, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, hq, sq), dtype=torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, hq, sq), dtype=lse_dtype)
 
 
 @torch.library.register_fake("vita_ext::attention_lse_backward")

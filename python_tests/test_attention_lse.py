@@ -1,0 +1,300 @@
+"""attention_lse / attention_lse_backward against vita_ext.reference.attention_lse (float64 yardstick)."""
+import pytest
+import torch
+
+import vita_ext
+from vita_ext import reference as R
+from _utils import assert_2x_rule, max_err, rand
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (B, Sq, Sk, Hq, Hkv, D): MHA and GQA, Sq == Sk, KV-cache prefix (Sq < Sk), decode, Sq > Sk (rows that
+# see no key when causal), odd sizes and the head dims of the models (64, 128) and others.
+SHAPES = [
+    (2, 33, 33, 6, 2, 64),
+    (2, 7, 130, 4, 1, 32),
+    (2, 1, 257, 4, 4, 80),
+    (1, 130, 33, 4, 2, 16),
+    (2, 1, 1, 2, 1, 128),
+    (1, 257, 257, 2, 2, 32),
+]
+CU = [0, 5, 5, 17, 40]  # three packed sequences and an empty one
+
+
+def _r64(*shape, device="cpu"):
+    return rand(*shape, dtype=torch.float64, device=device)
+
+
+def _qkv(shape, device, dtype=torch.float64):
+    b, sq, sk, hq, hkv, d = shape
+    return (rand(b, sq, hq, d, dtype=dtype, device=device), rand(b, sk, hkv, d, dtype=dtype, device=device),
+            rand(b, sk, hkv, d, dtype=dtype, device=device))
+
+
+def _check_forward(q, k, v, dtype, causal, scale=None, cu=None):
+    """q, k, v in float64 (any layout); the op runs on their dtype-cast copies, keeping the layout."""
+    cast = [t.to(dtype) for t in (q, k, v)]
+    out, lse = vita_ext.attention_lse(*cast, causal=causal, softmax_scale=scale, cu_seqlens=cu)
+    plain = R.attention_lse(*cast, causal, scale, cu)
+    ref = R.attention_lse(q, k, v, causal, scale, cu)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == ref[1].shape
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref[1])), "rows without keys must have lse = -inf"
+    assert_2x_rule(out, plain[0], ref[0], "out")
+    assert_2x_rule(lse, plain[1], ref[1], "lse")
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward(device, shape, causal, dtype):
+    q, k, v = _qkv(shape, device)
+    out, lse = _check_forward(q, k, v, dtype, causal)
+    if causal and shape[1] > shape[2]:
+        dead = shape[1] - shape[2]  # bottom-right aligned: the first Sq - Sk rows see nothing
+        assert (out[:, :dead] == 0).all() and torch.isneginf(lse[:, :, :dead]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_non_contiguous_and_scale(device, dtype):
+    b, sq, sk, hq, hkv, d = 2, 19, 37, 6, 3, 32
+    q = _r64(b, sq + 4, hq + 1, d + 8, device=device)[:, 2:2 + sq, 1:, 3:3 + d]  # slices of a larger buffer
+    k = _r64(b, hkv, sk, d, device=device).transpose(1, 2)                       # [B, H, S, D] storage
+    v = _r64(b, sk, hkv, 2 * d, device=device)[..., ::2]                        # last dim stride 2
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    for causal in (False, True):
+        _check_forward(q, k, v, dtype, causal, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+def test_forward_cu_seqlens(device, causal, dtype, cu_dtype):
+    cu = torch.tensor(CU, dtype=cu_dtype, device=device)
+    q, k, v = _qkv((1, CU[-1], CU[-1], 4, 2, 16), device)
+    _check_forward(q, k, v, dtype, causal, cu=cu)
+
+
+def test_forward_cu_seqlens_long_segments(device):
+    # Segments longer than a tile, boundaries inside tiles: tile skipping and per-element masking.
+    cu = torch.tensor([0, 70, 71, 200, 333], device=device)
+    q, k, v = _qkv((1, 333, 333, 2, 1, 32), device)
+    for causal in (False, True):
+        _check_forward(q, k, v, torch.float32, causal, cu=cu)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 5, 2, 1, 16), (2, 0, 5, 2, 1, 16), (2, 5, 0, 2, 1, 16)])
+def test_forward_empty(device, shape):
+    q, k, v = _qkv(shape, device, torch.float32)
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    assert out.shape == q.shape and lse.shape == (shape[0], shape[3], shape[1])
+    if out.numel():
+        assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_fp64_lse_dtype():
+    q, k, v = _qkv((1, 3, 4, 2, 1, 8), "cpu")
+    _, lse = vita_ext.attention_lse(q, k, v)
+    assert lse.dtype == torch.float64
+    torch.library.opcheck(torch.ops.vita_ext.attention_lse.default, (q, k, v, False, 0.5, None))  # fake agrees
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward
+
+
+def _grads(fn, q, k, v, go, gl):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    return torch.autograd.grad((out, lse), (q, k, v), (go.to(out.dtype), gl.to(lse.dtype)))
+
+
+def _check_backward(q, k, v, dtype, causal, scale=None, cu=None):
+    b, sq, hq, d = q.shape
+    go = rand(b, sq, hq, d, device=q.device)
+    gl = rand(b, hq, sq, device=q.device)
+    cast = [t.to(dtype) for t in (q, k, v)]
+    ours = _grads(lambda *a: vita_ext.attention_lse(*a, causal=causal, softmax_scale=scale, cu_seqlens=cu),
+                  *cast, go, gl)
+    plain = _grads(lambda *a: R.attention_lse(*a, causal, scale, cu), *cast, go, gl)
+    ref = _grads(lambda *a: R.attention_lse(*a, causal, scale, cu), q, k, v, go, gl)
+    for name, o, p, r, x in zip(("dq", "dk", "dv"), ours, plain, ref, cast):
+        assert o.dtype == dtype and o.shape == x.shape
+        assert_2x_rule(o, p, r, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_backward(device, shape, causal, dtype):
+    _check_backward(*_qkv(shape, device), dtype, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_cu_seqlens_non_contiguous(device, causal, dtype):
+    cu = torch.tensor(CU, device=device)
+    s = CU[-1]
+    q = _r64(1, s, 4, 40, device=device)[..., 4:36]
+    k = _r64(1, 2, s, 32, device=device).transpose(1, 2)
+    v = _r64(1, s, 2, 32, device=device)
+    _check_backward(q, k, v, dtype, causal, scale=0.2, cu=cu)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_backward_schedules(threads):
+    # The CPU backward has two schedules (one task per (b, kv head), or a dQ pass + a dK/dV pass),
+    # picked by B * Hkv against the thread count: run one problem through both.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_backward(*_qkv((1, 150, 150, 4, 1, 32), "cpu"), torch.float32, True)
+        _check_backward(*_qkv((2, 100, 70, 2, 2, 16), "cpu"), torch.float32, False)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_backward_rows_without_keys_are_zero(device):
+    q, k, v = _qkv((1, 9, 4, 2, 1, 16), device, torch.float32)
+    q.requires_grad_()
+    k.requires_grad_()
+    v.requires_grad_()
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert (q.grad[:, :5] == 0).all()
+
+
+@pytest.mark.parametrize("case", ["causal_gqa", "cu_seqlens", "decode"])
+def test_gradcheck(case):
+    if case == "causal_gqa":
+        q, k, v = _qkv((1, 5, 7, 4, 2, 8), "cpu")
+        kwargs = dict(causal=True, softmax_scale=0.4)
+    elif case == "cu_seqlens":
+        q, k, v = _qkv((1, 7, 7, 2, 1, 8), "cpu")
+        kwargs = dict(causal=True, cu_seqlens=torch.tensor([0, 3, 3, 7]))
+    else:
+        q, k, v = _qkv((2, 1, 6, 2, 2, 8), "cpu")
+        kwargs = dict(causal=True)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda *a: vita_ext.attention_lse(*a, **kwargs), inputs)
+
+
+def test_ring_backward_with_global_out_lse(device):
+    # Ring attention: queries and keys split in two chunks under a global causal mask. Blocks are
+    # (q0, k0) causal, (q1, k0) full, (q1, k1) causal; each block's backward gets the GLOBAL out/lse of its
+    # queries. The summed block gradients must equal the gradient of the whole attention.
+    b, s, h, hkv, d = 2, 40, 4, 2, 16
+    q, k, v = _qkv((b, s, s, h, hkv, d), device, torch.float32)
+    go, gl = rand(b, s, h, d, device=device), rand(b, h, s, device=device)
+    m = 17
+    q0, q1, k0, k1, v0, v1 = q[:, :m], q[:, m:], k[:, :m], k[:, m:], v[:, :m], v[:, m:]
+    out0, lse0 = vita_ext.attention_lse(q0, k0, v0, causal=True)
+    out1, lse1 = vita_ext.attention_lse(q1, k0, v0, causal=False)
+    blk_out, blk_lse = vita_ext.attention_lse(q1, k1, v1, causal=True)
+    vita_ext.merge_attention_(out1, lse1, blk_out, blk_lse)
+    out, lse = torch.cat([out0, out1], 1), torch.cat([lse0, lse1], 2)
+    ref = R.attention_lse(q.double(), k.double(), v.double(), True)
+    assert max_err(out, ref[0]) < 1e-5 and max_err(lse, ref[1]) < 1e-5
+
+    bwd = torch.ops.vita_ext.attention_lse_backward
+    scale = d ** -0.5
+    g0, g1, gl0, gl1 = go[:, :m], go[:, m:], gl[:, :, :m], gl[:, :, m:]
+    dq0, dk0a, dv0a = bwd(g0, gl0, q0, k0, v0, out0, lse0, True, scale, None)
+    dq1a, dk0b, dv0b = bwd(g1, gl1, q1, k0, v0, out1, lse1, False, scale, None)
+    dq1b, dk1, dv1 = bwd(g1, gl1, q1, k1, v1, out1, lse1, True, scale, None)
+    ours = (torch.cat([dq0, dq1a + dq1b], 1), torch.cat([dk0a + dk0b, dk1], 1), torch.cat([dv0a + dv0b, dv1], 1))
+    want = _grads(lambda *a: R.attention_lse(*a, True), q.double(), k.double(), v.double(), go.double(), gl.double())
+    for name, o, w in zip(("dq", "dk", "dv"), ours, want):
+        assert max_err(o, w) < 2e-5 * max(1.0, w.abs().max().item()), name
+
+
+def test_backward_fp32_out_with_half_inputs(device):
+    # A ring may keep the merged out in fp32 while q/k/v are bf16: the backward accepts it.
+    q, k, v = _qkv((1, 12, 12, 2, 1, 16), device, torch.bfloat16)
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    go = rand(1, 12, 2, 16, dtype=torch.bfloat16, device=device)
+    a = torch.ops.vita_ext.attention_lse_backward(go, None, q, k, v, out, lse, True, 0.25, None)
+    b = torch.ops.vita_ext.attention_lse_backward(go, None, q, k, v, out.float(), lse, True, 0.25, None)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------
+# opcheck
+
+
+@pytest.mark.parametrize("cu", [False, True])
+def test_opcheck(device, cu):
+    s = 12
+    q, k, v = (t.float().requires_grad_() for t in _qkv((1, s, s, 4, 2, 16), device))
+    cus = torch.tensor([0, 5, 12], device=device) if cu else None
+    torch.library.opcheck(torch.ops.vita_ext.attention_lse.default, (q, k, v, True, 0.25, cus))
+    with torch.no_grad():
+        out, lse = vita_ext.attention_lse(q, k, v, True, 0.25, cus)
+    go, gl = rand(1, s, 4, 16, device=device), rand(1, 4, s, device=device)
+    args = (go, gl, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25, cus)
+    torch.library.opcheck(torch.ops.vita_ext.attention_lse_backward.default, args)
+    torch.library.opcheck(torch.ops.vita_ext.attention_lse_backward.default, (go, None) + args[2:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _bad_cases(device):
+    q, k, v = _qkv((1, 6, 6, 4, 2, 16), device, torch.float32)
+    return [
+        ((q.long(), k, v, None), "argument 'q' must have dtype"),
+        ((q, k.half(), v, None), "argument 'k' must have dtype torch.float32"),
+        ((q, k, v.double(), None), "argument 'v' must have dtype torch.float32"),
+        ((q[0], k, v, None), r"argument 'q' must be 4-D"),
+        ((q, k[..., :8], v, None), "argument 'k' must have size 16 in dim 3"),
+        ((q, k, v[:, :5], None), "argument 'v' must have shape"),
+        ((q, k[:, :, :1].expand(1, 6, 3, 16), v[:, :, :1].expand(1, 6, 3, 16), None), "argument 'k' must have a number of heads"),
+        ((q, k, v, torch.tensor([0, 6.0], device=device)), "argument 'cu_seqlens' must have dtype"),
+        ((q, k, v, torch.tensor([0, 3, 5], device=device)), "argument 'cu_seqlens' must end at the sequence length 6"),
+        ((q, k, v, torch.tensor([0, 4, 2, 6], device=device)), "argument 'cu_seqlens' must be non-decreasing"),
+        ((q, k, v, torch.tensor([1, 6], device=device)), "argument 'cu_seqlens' must start at 0"),
+        ((q, k, v, torch.tensor([[0, 6]], device=device)), "argument 'cu_seqlens' must be 1-D"),
+        ((q.expand(2, 6, 4, 16), k.expand(2, 6, 2, 16), v.expand(2, 6, 2, 16), torch.tensor([0, 6], device=device)),
+         "argument 'cu_seqlens' requires batch size 1"),
+        ((q, k[:, :5], v[:, :5], torch.tensor([0, 6], device=device)), "argument 'cu_seqlens' requires Sq == Sk"),
+        ((rand(1, 2, 2, 300, device=device), rand(1, 2, 2, 300, device=device), rand(1, 2, 2, 300, device=device), None),
+         r"argument 'q' must have a head dim \(dim 3\) in \[1, 256\]"),
+    ]
+
+
+def test_bad_inputs(device):
+    for (q, k, v, cu), match in _bad_cases(device):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.vita_ext.attention_lse(q, k, v, False, 0.25, cu)
+
+
+def test_bad_backward_inputs(device):
+    q, k, v = _qkv((1, 6, 6, 4, 2, 16), device, torch.float32)
+    out, lse = vita_ext.attention_lse(q, k, v)
+    go = torch.randn_like(out)
+    bwd = torch.ops.vita_ext.attention_lse_backward
+    cases = [
+        ((go.half(), None, q, k, v, out, lse), "argument 'grad_out' must have dtype torch.float32"),
+        ((go[:, :5], None, q, k, v, out, lse), "argument 'grad_out' must have shape"),
+        ((go, None, q, k, v, out.half(), lse), "argument 'out' must have dtype torch.float32"),
+        ((go, None, q, k, v, out, lse.double()), "argument 'lse' must have dtype torch.float32"),
+        ((go, None, q, k, v, out, lse[:, :2]), "argument 'lse' must have shape"),
+        ((go, lse[..., :3], q, k, v, out, lse), "argument 'grad_lse' must have shape"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            bwd(*args, False, 0.25, None)
+
+
+def test_wrong_device():
+    if not torch.cuda.is_available() or not vita_ext.build_info()["cuda"]:
+        pytest.skip("needs a CUDA GPU and a build with CUDA kernels")
+    q, k, v = _qkv((1, 6, 6, 4, 2, 16), "cuda", torch.float32)
+    with pytest.raises(RuntimeError, match="argument 'k' must be on device cuda"):
+        torch.ops.vita_ext.attention_lse(q, k.cpu(), v, False, 0.25, None)
+    with pytest.raises(RuntimeError, match="argument 'q' must have dtype .* on CUDA"):
+        torch.ops.vita_ext.attention_lse(q.double(), k.double(), v.double(), False, 0.25, None)

@@ -5,11 +5,13 @@
 #
 # usage: bash benchmarks/run_all.sh [--out DIR] [--timeout SECONDS] [--quick] [NAME ...]
 #   NAME        pixel_shuffle_projector masked_lm_head masked_linear_cross_entropy attention_lse
-#               merge_attention ring_attention prefill  (default: all, in this order)
+#               merge_attention ring_attention prefill hf_patch  (default: all, in this order;
+#               hf_patch needs transformers)
 #   --out       results folder (default benchmarks/out): results.csv, <NAME>.log, plots/<op>.png
 #   --timeout   wall-clock limit per script (default 540 s; a script past it is stopped, the rest run)
 #   --quick     tiny shapes (the CPU smoke run of the test suite)
-# env: BENCH_ARGS  extra arguments for every script (e.g. "--no-compile" or "--max-seconds 20")
+# env: BENCH_ARGS  extra arguments for every bench_<op>/prefill script (e.g. "--no-compile" or
+#                  "--max-seconds 20"; not for hf_patch, which has its own flags)
 #      BENCH_REPS  timed repetitions per measurement (default 20, the issue's minimum; --quick: the scripts' 3)
 # A folder .whl/ at the repository root holding a liger_kernel wheel is installed (no network, no deps)
 # into a temporary site folder first, so the masked CE benchmark can compare with Liger-Kernel.
@@ -25,11 +27,12 @@ while (($#)); do
     --out) OUT_DIR=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
     --quick) QUICK=(--quick); shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) NAMES+=("$1"); shift ;;
   esac
 done
-ALL=(pixel_shuffle_projector masked_lm_head masked_linear_cross_entropy attention_lse merge_attention ring_attention prefill)
+ALL=(pixel_shuffle_projector masked_lm_head masked_linear_cross_entropy attention_lse merge_attention ring_attention prefill
+     hf_patch)
 ((${#NAMES[@]})) || NAMES=("${ALL[@]}")
 for name in "${NAMES[@]}"; do
   [[ -f benchmarks/bench_${name}.py ]] || { echo "run_all: no benchmark named '$name' (known: ${ALL[*]})" >&2; exit 2; }
@@ -64,7 +67,7 @@ for name in "${NAMES[@]}"; do
   echo "run_all: $name ..."
   # shellcheck disable=SC2086
   PYTHONUNBUFFERED=1 timeout --kill-after=20 "$TIMEOUT" python3 "benchmarks/bench_${name}.py" --csv "$CSV" \
-    "${REPS[@]}" "${QUICK[@]}" ${BENCH_ARGS:-} > "$OUT_DIR/$name.log" 2>&1
+    "${REPS[@]}" "${QUICK[@]}" $([[ $name == hf_patch ]] || echo "${BENCH_ARGS:-}") > "$OUT_DIR/$name.log" 2>&1
   rc=$?
   ((rc == 0)) || failed+=("$name (exit $rc$( ((rc == 124)) && echo ", timed out after ${TIMEOUT}s"))")
   echo "run_all: $name exit $rc in $(( $(date +%s) - start )) s (log $OUT_DIR/$name.log)"

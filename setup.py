@@ -83,7 +83,10 @@ def make_extension():
     arch_list = ""
     nvcc_version = None
     define_macros = [("VITA_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx_flags = ["-O3"]
+    # at::parallel_for only runs in parallel when the caller is compiled with OpenMP (ATen/Parallel-inl.h
+    # checks _OPENMP); without it every CPU kernel would run on one core.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3"] + openmp
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
                   "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
@@ -100,18 +103,19 @@ def make_extension():
         ext_cls = cpp_extension.CUDAExtension
         sources = cpp_sources + cu_sources
         extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
-        link_args = _cublas_link_args()
+        link_args = _cublas_link_args() + openmp
     else:
         ext_cls = cpp_extension.CppExtension
         sources = cpp_sources
         extra = {"cxx": cxx_flags}
-        link_args = []
+        link_args = list(openmp)
     print("vita_ext build configuration:", flush=True)
     print(f"  torch           {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"  kernels         {'CPU + CUDA' if with_cuda else 'CPU only (' + why_not + ')'}")
     if with_cuda:
         print(f"  nvcc            {nvcc_version} at {cpp_extension.CUDA_HOME}")
         print(f"  arch list       {arch_list}")
+    print(f"  OpenMP          {'yes' if openmp else 'no (CPU kernels run single-threaded)'}")
     print(f"  MAX_JOBS        {os.environ.get('MAX_JOBS', 'unset (ninja default)')}")
     print(f"  sources         {len(sources)} files", flush=True)
     return ext_cls(name="vita_ext._C", sources=sources, include_dirs=include_dirs,

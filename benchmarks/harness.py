@@ -41,6 +41,10 @@ class Row:
 
 
 def commit() -> str:
+    """Short hash of the checkout (+dirty); VITA_EXT_BENCH_COMMIT overrides it where the tree has no git
+    metadata (the device machine gets a copy of the working tree without .git)."""
+    if os.environ.get("VITA_EXT_BENCH_COMMIT"):
+        return os.environ["VITA_EXT_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()

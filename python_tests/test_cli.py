@@ -70,6 +70,30 @@ def test_generate_on_real_image_and_video(checkpoint, media):
     assert "(3 tiles)" in res.stderr  # 3 s at 10 fps, sampled at 1 fps
 
 
+def test_torchrun_context_parallel_equals_single_process(checkpoint, media):
+    """`torchrun --nproc-per-node 2 -m vita_ext generate --context-parallel` (gloo on CPU) prints the same
+    greedy text as a single process."""
+    common = ["generate", "--model", checkpoint, "--image", media["image"], "--prompt", "What is on the table?",
+              "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32", "--max-tiles", "2"]
+    single = _run(*common)
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                         str(_free_port()), "-m", "vita_ext", *common, "--context-parallel"],
+                        capture_output=True, text=True, env=env, timeout=600)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == single.stdout and single.stdout.strip()
+    assert "context parallel: 2 ranks" in cp.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_default_model_runs_offline(media, capsys):
     assert main(["generate", "--image", media["image"], "--prompt", "Hi", "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0

@@ -24,6 +24,10 @@ _LAZY = {
     "GenerationConfig": "vita_ext.generation",
     "generate": "vita_ext.generation",
     "write_random_checkpoint": "vita_ext.model.checkpoint",
+    "patch": "vita_ext.integrations.transformers",
+    "patch_qwen2": "vita_ext.integrations.transformers",
+    "patch_internvl": "vita_ext.integrations.transformers",
+    "unpatch": "vita_ext.integrations.transformers",
 }
 
 

@@ -60,19 +60,24 @@ def _load(args, device: torch.device, dtype: torch.dtype):
 
 
 def cmd_generate(args) -> int:
-    from vita_ext.generation import generate
-    from vita_ext.processing import insert_media_tags
-
     for path in args.image + args.video:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path}")
-    if args.context_parallel:
-        from vita_ext.parallel import init_distributed
+    if not args.context_parallel:
+        return _generate(args, _device(args.device), is_main=True)
+    from vita_ext.parallel import init_distributed
 
-        device = init_distributed(args.cp_timeout)
-        is_main = torch.distributed.get_rank() == 0
-    else:
-        device, is_main = _device(args.device), True
+    device = init_distributed(args.cp_timeout)
+    try:
+        return _generate(args, device, is_main=torch.distributed.get_rank() == 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _generate(args, device: torch.device, is_main: bool) -> int:
+    from vita_ext.generation import generate
+    from vita_ext.processing import insert_media_tags
+
     dtype = _dtype(args.dtype, device)
     model, processor, gen_cfg = _load(args, device, dtype)
     prompt = insert_media_tags(args.prompt, len(args.image), len(args.video))
@@ -105,7 +110,8 @@ def cmd_generate(args) -> int:
     n_new = out.sequences.shape[1]
     if args.context_parallel:
         _log(f"context parallel: {out.extra['world_size']} ranks, KV cache rows per rank {out.extra['cache_rows']}")
-    _log(f"prompt tokens: {out.prompt_tokens} ({inputs['pixel_values'].shape[0]} tiles) | "
+    tiles = inputs["pixel_values"].shape[0]
+    _log(f"prompt tokens: {out.prompt_tokens} ({tiles} tile{'s' if tiles != 1 else ''}) | "
          f"vision encode: {out.vision_seconds:.3f} s | prefill: {out.prefill_seconds:.3f} s | "
          f"decode: {n_new} tokens, {out.decode_tokens_per_second:.1f} tokens/s | "
          f"peak memory: {out.peak_memory_bytes / 2**20:.0f} MiB ({device.type})")

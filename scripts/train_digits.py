@@ -2,7 +2,7 @@
 """Reproduce the shipped digits model (vita_ext/assets/digits_model) end to end on CPU.
 
     python scripts/train_digits.py --work build/digits            # data, 4 stages, evaluation, table
-    python scripts/train_digits.py --work build/digits --ship --results benchmarks/RESULTS_train.md
+    python scripts/train_digits.py --work build/digits --ship --results benchmarks/RESULTS.md
 
 1. Writes the data: sklearn's digits as 56x56 PNGs (train / held-out test) and one JSONL file per
    stage in the release format (see ``vita_ext.train.digits``).
@@ -23,7 +23,7 @@ learning rates and steps (see STAGES below), fp32 (this CPU has no bf16 units), 
 in stages 3-4. The paper's "no-reset" packing lets a sample attend to every sample packed before it
 in the row; the paper packs long samples into 128K-1M rows, where that is rare, but a 1K row of
 our 2- to 64-frame samples holds several, whose numbered frames make "which frame shows a 3?"
-ambiguous. Measured (benchmarks/RESULTS_train.md): with no-reset the multi-frame tasks stayed at
+ambiguous. Measured (benchmarks/RESULTS.md): with no-reset the multi-frame tasks stayed at
 chance even for 2 frames; with reset the model starts learning them. Pass --paper-packing to train
 stages 3-4 with the preset's no-reset packing. Everything else (trainable parts, ViT lr x0.1 with
 layer-wise decay 0.9, AdamW, clipping, cosine with 3% warmup, recompute in stage 4) is the preset.

@@ -45,7 +45,7 @@ def test_stage_records_are_valid_release_jsonl(split, tmp_path):
     assert [sub.labels[i] for i in frames].count(d) == 1 and sub.labels[frames[k - 1]] == d
     assert digits.frames_prompt(3) == "1<image>2<image>3<image>\n"
     processor = LongVITAProcessor(image_size=56, patch_size=14)
-    for stage, sizes in ((1, {0: 1}), (2, {0: 1}), (3, {4: 5, 16: 2}), (4, {16: 2, 64: 1})):
+    for stage, sizes in ((0, {0: 1}), (1, {0: 1}), (2, {0: 1}), (3, {4: 5, 16: 2}), (4, {16: 2, 64: 1})):
         records = digits.stage_records(stage, paths, sub.labels, sizes)
         path = digits.write_jsonl(records, str(tmp_path / f"s{stage}.jsonl"))
         ds = JsonlDataset(path, processor)
@@ -58,6 +58,12 @@ def test_stage_records_are_valid_release_jsonl(split, tmp_path):
             assert all(digits.supervised_tokens(r) == int((s.labels != -100).sum()) for r, s in zip(records, samples))
     answers = {r["messages"][1]["content"] for r in digits.stage_records(1, paths, sub.labels, {0: 1})}
     assert answers <= {f"a handwritten {d}" for d in range(10)}
+    text = digits.stage_records(0, paths, sub.labels, {0: 1})
+    assert len(text) == 60 and all(r["images"] == [] and "<image>" not in r["messages"][0]["content"] for r in text)
+    for r in text:  # the digit is named by its word where the image would be, and the answer names it
+        word = r["messages"][0]["content"].split("\n")[0]
+        d = digits.WORDS.index(word)
+        assert r["messages"][1]["content"] in (str(d), f"a handwritten {d}")
 
 
 def test_digits_config_is_small_with_the_real_vocabulary():

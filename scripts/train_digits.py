@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Reproduce the shipped digits model (vita_ext/assets/digits_model) end to end on CPU.
 
-    python scripts/train_digits.py --work build/digits            # data, 4 stages, evaluation, table
+    python scripts/train_digits.py --work build/digits            # data, stages 0-4, evaluation, table
     python scripts/train_digits.py --work build/digits --ship --results benchmarks/RESULTS.md
 
 1. Writes the data: sklearn's digits as 56x56 PNGs (train / held-out test) and one JSONL file per
    stage in the release format (see ``vita_ext.train.digits``).
-2. Writes the starting checkpoint: seeded random weights of ``digits_config()`` (no pretrained LLM
-   exists at this size, so stage 1 aligns a projector to a random LLM).
-3. Runs the four stages one after the other through the CLI, ``python -m vita_ext train --config
+2. Writes the starting checkpoint: seeded random weights of ``digits_config()``.
+3. Runs stage 0 (text only: no pretrained LLM exists at this size, so a short language stage teaches
+   ours what stage 1 aligns the projector to; see ``vita_ext.train.digits``) and the paper's four
+   stages one after the other through the CLI, ``python -m vita_ext train --config
    stageN.yaml`` (the same code path as any user run), each starting from the previous stage's
    ``final/``.
 4. Evaluates the held-out split after each stage (greedy generation): single images, and sequences
@@ -47,11 +48,14 @@ from vita_ext.train import digits  # noqa: E402
 
 # stage -> (settings overriding the preset, data sizes for stage_records)
 STAGES = {
-    1: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=100), {0: 2}),
+    # stage 0: text-only language training (stands in for the pretrained LLM; see digits.py), run with
+    # stage 2's settings and only the LLM trainable
+    0: (dict(stage=2, trainable="llm+projector", seq_len=1024, lr=3e-3, min_lr=3e-5, max_steps=600), {0: 4}),
+    1: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=300), {0: 2}),
     2: (dict(seq_len=1024, lr=3e-3, min_lr=3e-5, max_steps=600), {0: 6}),
     # packing "reset" instead of the preset's "no-reset": see the module doc
-    3: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=500, packing="reset"), {2: 600, 4: 800, 16: 500, 64: 150}),
-    4: (dict(seq_len=2560, lr=5e-4, min_lr=5e-6, max_steps=100, packing="reset"), {16: 200, 64: 150, 256: 60}),
+    3: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=2000, packing="reset"), {2: 600, 4: 800, 16: 500, 64: 150}),
+    4: (dict(seq_len=2560, lr=5e-4, min_lr=5e-6, max_steps=150, packing="reset"), {16: 200, 64: 150, 256: 60}),
 }
 MARK_START, MARK_END = "<!-- digits-table:start -->", "<!-- digits-table:end -->"
 
@@ -79,7 +83,8 @@ def run_stage(work: str, stage: int, model: str, steps: int | None, threads: int
     if paper_packing:
         settings = {k: v for k, v in settings.items() if k != "packing"}
     cfg = dict(stage=stage, data=os.path.join(work, f"stage{stage}.jsonl"), model=model,
-               out=os.path.join(work, f"stage{stage}"), dtype="fp32", save_every=0, keep_last=1, **settings)
+               out=os.path.join(work, f"stage{stage}"), dtype="fp32", save_every=0, keep_last=1)
+    cfg.update(settings)
     if steps is not None:
         cfg["max_steps"] = steps
     path = os.path.join(work, f"stage{stage}.yaml")
@@ -155,8 +160,8 @@ def write_results(path: str, text: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=os.path.join(ROOT, "build", "digits"), help="working directory")
-    p.add_argument("--stages", default="1,2,3,4", help="stages to run (the others are reused from --work)")
-    p.add_argument("--steps", default=None, help="override max_steps per stage, e.g. 5,5,5,2 (smoke runs)")
+    p.add_argument("--stages", default="0,1,2,3,4", help="stages to run (the others are reused from --work)")
+    p.add_argument("--steps", default=None, help="override max_steps per stage 0-4, e.g. 5,5,5,5,2 (smoke runs)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine two OpenMP threads ran up to 7x slower)")
     p.add_argument("--seed", type=int, default=0)
@@ -170,7 +175,7 @@ def main() -> int:
     os.makedirs(args.work, exist_ok=True)
     _, test = prepare(args.work, args.seed)
     run = [int(s) for s in args.stages.split(",") if s]
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else [None] * 4
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else [None] * len(STAGES)
     sequences = {int(k): int(v) for k, v in (kv.split(":") for kv in args.eval_sequences.split(",") if kv)}
     results, times = {}, {}
     state_path = os.path.join(args.work, "results.json")
@@ -180,11 +185,11 @@ def main() -> int:
     model = os.path.join(args.work, "init")
     if "init (random)" not in results:
         results["init (random)"] = evaluate(model, test, args.work, sequences, args.eval_singles)
-    for stage in (1, 2, 3, 4):
+    for stage in sorted(STAGES):
         name = f"stage {stage}"
         if stage in run:
             log(f"stage {stage}: training from {model}")
-            times[name] = run_stage(args.work, stage, model, steps[stage - 1], args.threads, args.paper_packing)
+            times[name] = run_stage(args.work, stage, model, steps[stage], args.threads, args.paper_packing)
             model = os.path.join(args.work, f"stage{stage}", "final")
             results[name] = evaluate(model, test, args.work, sequences, args.eval_singles)
             log(f"{name}: {json.dumps(results[name])}")
@@ -204,11 +209,11 @@ def main() -> int:
     if args.results:
         from vita_ext.train.plot import plot_runs
 
-        runs = [os.path.join(args.work, f"stage{s}") for s in (1, 2, 3, 4)
-                if os.path.exists(os.path.join(args.work, f"stage{s}", "metrics.jsonl"))]
+        done = [s for s in sorted(STAGES) if os.path.exists(os.path.join(args.work, f"stage{s}", "metrics.jsonl"))]
+        runs = [os.path.join(args.work, f"stage{s}") for s in done]
         png = os.path.join(os.path.dirname(os.path.abspath(args.results)), "train_digits_loss.png")
         if runs:
-            plot_runs(runs, png, [f"stage {s}" for s in (1, 2, 3, 4)][:len(runs)], smooth=5)
+            plot_runs(runs, png, [f"stage {s}" for s in done], smooth=5)
         write_results(args.results, text)
         log(f"wrote the table into {args.results} and the loss curves to {png}")
     return 0

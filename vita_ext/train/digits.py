@@ -6,6 +6,11 @@ upsampling): with 14-px patches that is a 4x4 patch grid and 4 LLM tokens after 
 so one image costs 6 tokens (``<img>``, 4 x ``<IMG_CONTEXT>``, ``</img>``).
 
 Tasks (all in the release JSONL format, media paths relative to the file):
+- stage 0, text only:      "seven\\nDescribe the image." -> "a handwritten 7", "seven\\nWhich digit
+  is this?" -> "7". Long-VITA starts from a pretrained Qwen2.5 and aligns the projector to it in
+  stage 1; no pretrained LLM exists at this size, so this short language stage gives ours the
+  knowledge stage 1 aligns to (which word names which digit, how to caption and answer). It trains
+  the LLM only; no image is involved.
 - stage 1, captions:       "<image>\\nDescribe the image."           -> "a handwritten 7"
 - stage 2, single images:  "<image>\\nWhich digit is this?" (and rephrasings) -> "7"
 - stages 3-4, frames: N images, each after its 1-based number: "1<image>2<image>...N<image>\\n" then
@@ -110,6 +115,16 @@ def frames_prompt(n: int) -> str:
     return "".join(f"{k + 1}<image>" for k in range(n)) + "\n"
 
 
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def text_record(digit: int, rng: random.Random) -> dict:
+    """Stage 0: the digit named by its word where stage 1-2 records have the image."""
+    if rng.random() < 0.5:
+        return _record(f"{WORDS[digit]}\n{rng.choice(CAPTION_PROMPTS)}", f"a handwritten {digit}", [])
+    return _record(f"{WORDS[digit]}\n{rng.choice(QUESTIONS)}", str(digit), [])
+
+
 def caption_record(path: str, digit: int, rng: random.Random) -> dict:
     return _record(f"<image>\n{rng.choice(CAPTION_PROMPTS)}", f"a handwritten {digit}", [path])
 
@@ -145,11 +160,14 @@ def find_record(paths: list[str], frames: list[int], digit: int, k: int) -> dict
 def stage_records(stage: int, paths: list[str], labels: np.ndarray, sizes: dict[int, int], seed: int = 0,
                   stage2_ratio: float = 0.1) -> list[dict]:
     """Training records of a stage. sizes: for stages 3-4, {N frames: records per task}; for stages
-    1-2, {0: repeats of the training images}. stage2_ratio: share of the supervised tokens of stages
+    0-2, {0: repeats of the training images}. stage2_ratio: share of the supervised tokens of stages
     3-4 that come from single-image questions."""
     rng = random.Random(seed * 1000 + stage)
     records: list[dict] = []
-    if stage == 1:
+    if stage == 0:
+        for _ in range(sizes.get(0, 1)):
+            records += [text_record(int(d), rng) for d in labels]
+    elif stage == 1:
         for _ in range(sizes.get(0, 1)):
             records += [caption_record(p, int(d), rng) for p, d in zip(paths, labels)]
     elif stage == 2:

@@ -125,6 +125,9 @@ def _inconsistent(rank, world, out):
         out["message"] = str(exc)
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7),
+                    reason="torch 2.6's gloo can deadlock in destroy_process_group after this error path (its "
+                           "ProcessGroupGloo destructor joins a worker thread that waits for the GIL)")
 def test_inconsistent_ranks_fail_on_every_rank(tmp_path):
     for r in _spawn(2, tmp_path, ["_inconsistent"]):
         assert "disagree" in r.get("message", ""), r

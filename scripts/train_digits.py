@@ -19,13 +19,13 @@
    bf16 into the package, with the packaged tokenizer files and a greedy generation config.
 
 Settings that differ from the paper's presets (a 5M-parameter model trained from scratch on CPU, not
-a pretrained 14B one): sequence lengths 1024 / 1024 / 1024 / 2560 instead of 32K / 16K / 128K / 1M,
+a pretrained 14B one): the text-only stage 0 in front, sequence lengths 1024 / 1024 / 1024 / 2560 instead of 32K / 16K / 128K / 1M,
 learning rates and steps (see STAGES below), fp32 (this CPU has no bf16 units), and "reset" packing
 in stages 3-4. The paper's "no-reset" packing lets a sample attend to every sample packed before it
 in the row; the paper packs long samples into 128K-1M rows, where that is rare, but a 1K row of
 our 2- to 64-frame samples holds several, whose numbered frames make "which frame shows a 3?"
 ambiguous. Measured (benchmarks/RESULTS.md): with no-reset the multi-frame tasks stayed at
-chance even for 2 frames; with reset the model starts learning them. Pass --paper-packing to train
+chance; with reset they rise above it. Pass --paper-packing to train
 stages 3-4 with the preset's no-reset packing. Everything else (trainable parts, ViT lr x0.1 with
 layer-wise decay 0.9, AdamW, clipping, cosine with 3% warmup, recompute in stage 4) is the preset.
 """

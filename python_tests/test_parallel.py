@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vita_ext import reference
-from vita_ext.parallel import ZigZagPlan, simulated_ring_attention
+from vita_ext.parallel import ZigZagPlan, shutdown_distributed, simulated_ring_attention
 
 
 def _free_port() -> int:
@@ -88,7 +88,7 @@ def _worker(rank, world, port, result_dir, checks):
     finally:
         with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
             json.dump(out, f)
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def _spawn(world, tmp_path, checks):

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from vita_ext.model.long_vita import LongVITAForCausalLM
 from vita_ext.model.presets import tiny
+from vita_ext.parallel import shutdown_distributed
 from vita_ext.train import Sample, apply_trainable, pack_samples
 from vita_ext.train.step import PackedLoss, all_reduce_grads
 
@@ -87,7 +88,7 @@ def _worker(rank, world, port, result_dir, trainable):
     finally:
         with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
             json.dump(out, f)
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -131,7 +132,7 @@ def _trainer_worker(rank, world, port, result_dir, cfg_dict):
     finally:
         with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
             json.dump(out, f)
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def test_trainer_with_context_parallel_matches_single_process(tmp_path):

@@ -65,13 +65,13 @@ def cmd_generate(args) -> int:
             raise FileNotFoundError(f"no such file: {path}")
     if not args.context_parallel:
         return _generate(args, _device(args.device), is_main=True)
-    from vita_ext.parallel import init_distributed
+    from vita_ext.parallel import init_distributed, shutdown_distributed
 
     device = init_distributed(args.cp_timeout)
     try:
         return _generate(args, device, is_main=torch.distributed.get_rank() == 0)
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()
 
 
 def _generate(args, device: torch.device, is_main: bool) -> int:

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 import torch
 from torch.utils import cpp_extension
@@ -123,7 +123,8 @@ def make_extension():
 
 
 setup(
-    packages=find_packages(include=["vita_ext", "vita_ext.*"]),
+    # namespace search: the asset folders (no __init__.py) are packages too, so their data ships
+    packages=find_namespace_packages(include=["vita_ext", "vita_ext.*"], exclude=["*.__pycache__"]),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     include_package_data=True,

@@ -35,3 +35,48 @@ def assert_2x_rule(ours: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor,
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
     """Fresh standard-normal data (never zeros), made in float64 then cast, so every dtype sees the same values."""
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------ multi-process (gloo) tests
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, result_dir, fn, args):
+    import json
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    from vita_ext.parallel import shutdown_distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out: dict = {}
+    try:
+        fn(rank, world, out, *args)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent instead of hanging it
+        out["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    finally:
+        with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+            json.dump(out, f)
+        shutdown_distributed()
+
+
+def spawn_gloo(fn, world: int, result_dir, *args) -> list[dict]:
+    """Run ``fn(rank, world, out, *args)`` on ``world`` spawned gloo ranks (one thread each) and return
+    each rank's ``out`` dict; an exception on a rank becomes ``out["error"]`` (message + traceback).
+    ``fn`` must be a module-level function (it is pickled to the children)."""
+    import json
+    import os
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(world, free_port(), str(result_dir), fn, args), nprocs=world, join=True)
+    return [json.load(open(os.path.join(str(result_dir), f"{r}.json"))) for r in range(world)]

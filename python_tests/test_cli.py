@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _utils import free_port
 from vita_ext.cli import main
 from vita_ext.model.checkpoint import write_random_checkpoint
 from vita_ext.model.presets import tiny
@@ -79,19 +80,11 @@ def test_torchrun_context_parallel_equals_single_process(checkpoint, media):
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     cp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                         str(_free_port()), "-m", "vita_ext", *common, "--context-parallel"],
+                         str(free_port()), "-m", "vita_ext", *common, "--context-parallel"],
                         capture_output=True, text=True, env=env, timeout=600)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == single.stdout and single.stdout.strip()
     assert "context parallel: 2 ranks" in cp.stderr
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_default_model_runs_offline(media, capsys):

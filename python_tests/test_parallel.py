@@ -1,22 +1,13 @@
 """Context parallelism on CPU with gloo: ring attention, model prefill and greedy decode over P = 1..4
 spawned processes must equal the single-process results; plus the zig-zag plan and error paths."""
-import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _utils import spawn_gloo
 from vita_ext import reference
-from vita_ext.parallel import ZigZagPlan, shutdown_distributed, simulated_ring_attention
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vita_ext.parallel import ZigZagPlan, simulated_ring_attention
 
 
 def _setup_model():
@@ -75,25 +66,13 @@ def _model_check(rank, world, out):
     out["prefill_passes"], out["cache_rows"] = cp.extra["prefill_passes"], cp.extra["cache_rows"]
 
 
-def _worker(rank, world, port, result_dir, checks):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out = {}
-    try:
-        for check in checks:
-            globals()[check](rank, world, out)
-    except Exception as exc:  # report instead of hanging the parent
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
-            json.dump(out, f)
-        shutdown_distributed()
+def _checks(rank, world, out, names):
+    for name in names:
+        globals()[name](rank, world, out)
 
 
 def _spawn(world, tmp_path, checks):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), checks), nprocs=world, join=True)
-    return [json.load(open(tmp_path / f"{r}.json")) for r in range(world)]
+    return spawn_gloo(_checks, world, tmp_path, checks)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

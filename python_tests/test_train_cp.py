@@ -2,27 +2,18 @@
 packed sequences (ring attention forward and backward, per-rank vision tiles, a shared trainable
 projector) must equal the single-process ones, for P = 1, 2, 4."""
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _utils import spawn_gloo
 from vita_ext.model.long_vita import LongVITAForCausalLM
 from vita_ext.model.presets import tiny
-from vita_ext.parallel import shutdown_distributed
 from vita_ext.train import Sample, apply_trainable, pack_samples
 from vita_ext.train.step import PackedLoss, all_reduce_grads
 
 IGNORE = -100
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(trainable):
@@ -62,40 +53,26 @@ def _step(model, batches, **kw):
     return total / supervised
 
 
-def _worker(rank, world, port, result_dir, trainable):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out = {}
-    try:
-        batches = _batches()
-        model = _model(trainable)
-        loss = _step(model, batches, context_parallel=True)
-        dist.all_reduce(loss)
-        params = _params(model)
-        all_reduce_grads(params)
-        ref_model = _model(trainable)
-        ref_loss = _step(ref_model, batches)
-        out["loss_err"] = abs(float(loss) - float(ref_loss))
-        out["grad_err"] = max((p.grad - r.grad).abs().max().item() for p, r in zip(params, _params(ref_model)))
-        out["grad_scale"] = max(r.grad.abs().max().item() for r in _params(ref_model))
-        out["checksum"] = float(sum(p.grad.double().sum() for p in params))
-        out["vit_grads"] = all(p.grad is not None for p in model.model.vision_model.parameters())
-    except Exception as exc:  # report instead of hanging the parent
-        import traceback
-
-        out["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    finally:
-        with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
-            json.dump(out, f)
-        shutdown_distributed()
+def _cp_gradients(rank, world, out, trainable):
+    batches = _batches()
+    model = _model(trainable)
+    loss = _step(model, batches, context_parallel=True)
+    dist.all_reduce(loss)
+    params = _params(model)
+    all_reduce_grads(params)
+    ref_model = _model(trainable)
+    ref_loss = _step(ref_model, batches)
+    out["loss_err"] = abs(float(loss) - float(ref_loss))
+    out["grad_err"] = max((p.grad - r.grad).abs().max().item() for p, r in zip(params, _params(ref_model)))
+    out["grad_scale"] = max(r.grad.abs().max().item() for r in _params(ref_model))
+    out["checksum"] = float(sum(p.grad.double().sum() for p in params))
+    out["vit_grads"] = all(p.grad is not None for p in model.model.vision_model.parameters())
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("trainable", ["llm+projector", "all"])
 def test_context_parallel_gradients_equal_single_process(world, trainable, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), trainable), nprocs=world, join=True)
-    results = [json.load(open(tmp_path / f"{r}.json")) for r in range(world)]
+    results = spawn_gloo(_cp_gradients, world, tmp_path, trainable)
     for r in results:
         assert "error" not in r, r["error"]
         assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
@@ -113,26 +90,13 @@ def test_context_parallel_refuses_reset_packing(tmp_path):
         loss_fn(packed)
 
 
-def _trainer_worker(rank, world, port, result_dir, cfg_dict):
+def _cp_trainer(rank, world, out, cfg_dict):
     from vita_ext.train import Trainer, resolve_config
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out = {}
-    try:
-        t = Trainer(resolve_config(cfg_dict))
-        summary = t.train()
-        out["losses"] = [r["loss"] for r in t.history]
-        out["final"] = summary["final"]
-    except Exception as exc:
-        import traceback
-
-        out["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    finally:
-        with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
-            json.dump(out, f)
-        shutdown_distributed()
+    t = Trainer(resolve_config(cfg_dict))
+    summary = t.train()
+    out["losses"] = [r["loss"] for r in t.history]
+    out["final"] = summary["final"]
 
 
 def test_trainer_with_context_parallel_matches_single_process(tmp_path):
@@ -158,9 +122,7 @@ def test_trainer_with_context_parallel_matches_single_process(tmp_path):
     single = Trainer(resolve_config(dict(base, out=str(tmp_path / "single"))))
     single.train()
     expected = [r["loss"] for r in single.history]
-    mp.spawn(_trainer_worker, args=(2, _free_port(), str(tmp_path),
-                                    dict(base, out=str(tmp_path / "cp"), context_parallel=True)), nprocs=2, join=True)
-    for r in (json.load(open(tmp_path / f"{k}.json")) for k in range(2)):
+    for r in spawn_gloo(_cp_trainer, 2, tmp_path, dict(base, out=str(tmp_path / "cp"), context_parallel=True)):
         assert "error" not in r, r["error"]
         assert r["losses"] == pytest.approx(expected, abs=1e-5)
     a = LongVITAForCausalLM.from_pretrained(str(tmp_path / "single" / "final")).state_dict()

@@ -114,8 +114,19 @@ def _generate(args, device: torch.device, is_main: bool) -> int:
     _log(f"prompt tokens: {out.prompt_tokens} ({tiles} tile{'s' if tiles != 1 else ''}) | "
          f"vision encode: {out.vision_seconds:.3f} s | prefill: {out.prefill_seconds:.3f} s | "
          f"decode: {n_new} tokens, {out.decode_tokens_per_second:.1f} tokens/s | "
-         f"peak memory: {out.peak_memory_bytes / 2**20:.0f} MiB ({device.type})")
+         f"peak memory: {out.peak_memory_bytes / 2**20:.0f} MiB ({device.type}) | "
+         f"attention: {_attention_line(out.extra.get('attention', {}))}")
     return 0
+
+
+def _attention_line(phases: dict[str, str]) -> str:
+    """"flash" when one backend served every phase that ran, else "vision flash, prefill flash, decode vita"."""
+    ran = {p: b for p, b in phases.items() if b != "none"}
+    if not ran:
+        return "none"
+    if len(set(ran.values())) == 1:
+        return next(iter(ran.values()))
+    return ", ".join(f"{p} {b}" for p, b in ran.items())
 
 
 def cmd_random_checkpoint(args) -> int:

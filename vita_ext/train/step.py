@@ -124,7 +124,7 @@ class PackedLoss:
         if not self.cp:
             cu = batch.cu_seqlens.to(self.device) if batch.cu_seqlens is not None else None
             return (batch.input_ids, batch.targets, batch.position_ids, batch.pixel_values, batch.context_positions,
-                    None, LocalAttention(cu_seqlens=cu))
+                    None, LocalAttention(cu_seqlens=cu, max_seqlen=batch.max_seqlen))
         from vita_ext.parallel import RingPrefillAttention, ZigZagPlan
 
         if batch.cu_seqlens is not None:

@@ -28,7 +28,7 @@ from harness import Row  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Providers whose failure (a peer's bug, an inductor crash) is noted and skipped instead of aborting the run.
-TOLERANT_PREFIXES = ("compile", "liger", "sdpa_cudnn")
+TOLERANT_PREFIXES = ("compile", "liger", "sdpa_cudnn", "ours_")  # ours_<backend>: a backend may refuse a case
 MIN_REPS = 5
 
 
@@ -170,6 +170,31 @@ class Bench:
         if nbytes:
             self.row(provider, mode, "gbps", "GB/s", x, *(nbytes / (t * 1e-3) / 1e9 for t in (p80, p50, p20)))
         return p50
+
+    def time_interleaved(self, mode: str, x: str, fns: dict[str, Callable], inputs: Sequence[tuple] = ((),),
+                         flops: float | None = None) -> dict[str, float]:
+        """Time several providers in alternation (one call of each per round, the order rotating), so a
+        shared machine's load swings hit all of them alike and their ratios hold; records the same rows
+        as ``time``. Returns provider -> p50 ms."""
+        fns = {name: fn for name, fn in fns.items() if self.wants(name)}
+        inputs, names = list(inputs), list(fns)
+        for name in names:  # warm-up, and a failing provider is noted and dropped before timing
+            if self._guard(name, f"{mode} {x} warm-up", lambda n=name: (fns[n](*inputs[0]), True)[1]) is None:
+                fns.pop(name)
+        names = list(fns)
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for rep in range(self.reps):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                samples[name].append(harness.time_ms(fns[name], [inputs[rep % len(inputs)]], self.device,
+                                                     warmup=0, reps=1)[1])
+        result = {}
+        for name in names:
+            p20, p50, p80 = harness.quantiles(samples[name])
+            self.row(name, mode, "time", "ms", x, p20, p50, p80)
+            if flops:
+                self.row(name, mode, "tflops", "TFLOP/s", x, *(flops / (t * 1e-3) / 1e12 for t in (p80, p50, p20)))
+            result[name] = p50
+        return result
 
     def _time(self, fn: Callable, inputs: Sequence[tuple], what: str) -> tuple[float, float, float]:
         inputs = list(inputs)

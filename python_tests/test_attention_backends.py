@@ -16,6 +16,14 @@ from _utils import rand
 BF16, F32, F64 = torch.bfloat16, torch.float32, torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _fresh_selection_cache():
+    # select_backend caches its verdicts; these tests swap the facts it reads (flash-attn, GPU capability).
+    ab._select.cache_clear()
+    yield
+    ab._select.cache_clear()
+
+
 def _call(device="cpu", dtype=BF16, d=128, varlen=False, grad=False):
     return ab.AttentionCall(device, dtype, d, varlen, grad)
 

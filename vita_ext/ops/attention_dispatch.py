@@ -148,7 +148,11 @@ def requested_backend(backend: str | None) -> str:
 
 def select_backend(call: AttentionCall, backend: str | None = None) -> str:
     """The backend that serves ``call``: the forced one (ValueError if it cannot), else the first that can."""
-    name = requested_backend(backend)
+    return _select(call, requested_backend(backend))
+
+
+@functools.lru_cache(maxsize=256)
+def _select(call: AttentionCall, name: str) -> str:  # cached: decode asks once per layer and token
     if name != "auto":
         reason = why_not(name, call)
         if reason is not None:

@@ -58,6 +58,8 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax
     if name == "vita":
         return torch.ops.vita_ext.attention_lse(q, k, v, bool(causal), scale, cu_seqlens)
     cu, max_seqlen = _varlen_args(q, k, cu_seqlens, max_seqlen)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _flash_forward(name, q, k, v, bool(causal), scale, cu, max_seqlen)  # inference: no autograd node
     return _FlashAttentionLSE.apply(q, k, v, bool(causal), scale, cu, max_seqlen, name)
 
 

@@ -318,3 +318,17 @@ def test_ring_attention_bf16_on_flash(world, tmp_path):
         assert r["flash_calls"] > 0 and r["vita_calls"] == 0  # forward blocks ran on flash
         for (ours, plain), name in zip(r["errors"], ("out", "dq", "dk", "dv")):
             assert ours <= 2 * plain + 1e-2, (name, ours, plain)  # 2x PyTorch's bf16 error (+ a bf16 ulp)
+
+
+def test_torch_compile_fullgraph_flash_path():
+    # The flash backends are plain PyTorch ops behind an autograd.Function: dynamo traces them whole.
+    q, k, v = (rand(1, 37, h, 16, dtype=BF16).requires_grad_() for h in (4, 2, 2))
+
+    def f(q, k, v):
+        return vita_ext.attention_lse(q, k, v, causal=True)[0].float().square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

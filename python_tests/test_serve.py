@@ -332,22 +332,28 @@ def _wait(cond, timeout=30.0):
         time.sleep(0.05)
 
 
-def test_client_disconnect_stops_generation(tiny_server):
-    before = tiny_server.health()["cancelled"]
-    # streaming: read the first events, then hang up
-    conn = socket.create_connection(("127.0.0.1", tiny_server.port), timeout=30)
-    body = ('{"model": "tiny", "stream": true, "temperature": 0, "max_tokens": 100000, '
-            '"messages": [{"role": "user", "content": "Go on forever"}]}').encode()
+LONG = ('{"model": "tiny", "stream": true, "temperature": 0, "max_tokens": 100000, '
+        '"messages": [{"role": "user", "content": "Go on forever"}]}').encode()
+
+
+def _hang_up_mid_stream(server) -> None:
+    """Start a 100000-token stream, read its first events, then close the connection."""
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                 b"Content-Length: %d\r\n\r\n%s" % (len(LONG), LONG))
     assert b"200 OK" in conn.recv(4096)
     conn.close()
+
+
+def test_client_disconnect_stops_generation(tiny_server):
+    before = tiny_server.health()["cancelled"]
+    _hang_up_mid_stream(tiny_server)
     t0 = time.monotonic()
     _wait(lambda: tiny_server.health()["cancelled"] == before + 1 and not tiny_server.health()["running"])
     stopped_after = time.monotonic() - t0
     # non-streaming: hang up while waiting for the answer
     conn = socket.create_connection(("127.0.0.1", tiny_server.port), timeout=30)
-    body = body.replace(b'"stream": true', b'"stream": false')
+    body = LONG.replace(b'"stream": true', b'"stream": false')
     conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     _wait(lambda: tiny_server.health()["running"])
@@ -411,6 +417,8 @@ def test_context_parallel_server(tiny_server, tiny_checkpoint, media):
         status, _, reply = cp.post(_tiny("FAULT:bug:1", max_tokens=2))
         assert status == 500 and reply["error"]["message"].startswith("rank 1: ") and \
             "RuntimeError: injected bug fault on rank 1" in reply["error"]["message"], reply
+        _hang_up_mid_stream(cp)  # rank 0's stop decision reaches rank 1 (or it would hang in the next step)
+        _wait(lambda: cp.health()["cancelled"] == 1 and not cp.health()["running"])
         status, _, reply = cp.post(cases[0])
         assert status == 200 and reply["choices"][0]["message"]["content"] == single[0]
         ranks = cp.pids()[1:]

@@ -372,16 +372,23 @@ class Engine:
 
 
 def follow(worker: Worker) -> int:
-    """Ranks > 0: run what rank 0 sends until it says STOP. Returns the exit status."""
+    """Ranks > 0: run what rank 0 sends until it says STOP. Returns the exit status: 0 after STOP, 1 when
+    rank 0 is gone (its connection closed: killed, or crashed) or the process group broke."""
+    rank = torch.distributed.get_rank()
     while True:
-        message = cpd.receive(worker.control)
-        if message == cpd.NOOP:
-            continue
-        if message == cpd.STOP:
-            return 0
         try:
-            worker.run(message)
-        except APIError:
-            pass  # rank 0 has the same verdict and answers the client
+            message = cpd.receive(worker.control)
+            if message == cpd.NOOP:
+                continue
+            if message == cpd.STOP:
+                return 0
+            try:
+                worker.run(message)
+            except APIError:
+                pass  # rank 0 has the same verdict and answers the client
+        except Exception as exc:  # noqa: BLE001 - a collective failed: rank 0 or a peer is gone
+            log.error("rank %d: lost contact with the other ranks (%s: %s); stopping", rank, type(exc).__name__,
+                      str(exc).splitlines()[0] if str(exc) else "")
+            return 1
         if worker.broken:
             return 1

@@ -393,6 +393,8 @@ def test_64_concurrent_clients(tiny_server):
             status, _, body = tiny_server.post(_tiny(p, max_tokens=6))
             assert status == 200 and body["choices"][0]["message"]["content"] == expected[p]
         rss.append(rss_bytes(pid))
+        print(f"64 clients: {len(answered)} answered at once, {len(busy)} got 429 then were answered; "
+              f"server RSS {rss[-1] / 2**20:.0f} MiB")
     assert tiny_server.health()["queued"] == 0
     assert rss[2] - rss[1] < 32 * 2**20, [r / 2**20 for r in rss]  # flat once warm (MiB)
 

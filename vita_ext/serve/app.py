@@ -225,7 +225,8 @@ def build_app(engine: Engine, cfg: AppConfig, generation_config: GenerationConfi
         if body.model is not None and body.model != cfg.model_name:
             raise APIError(404, f"model {body.model!r} is not served here (this server serves "
                                 f"{cfg.model_name!r})", "model", "model_not_found")
-        job = Job(_request(body, cfg, policy, generation_config), body.stop_strings(), asyncio.get_running_loop())
+        job = Job(_request(body, cfg, policy, generation_config), body.stop_strings(), asyncio.get_running_loop(),
+                  stream=body.stream)
         engine.submit(job)
         waiter = Waiter(job, http)
         event = await waiter.next()  # wait for the inputs: their errors are still a proper 4xx response
@@ -237,7 +238,7 @@ def build_app(engine: Engine, cfg: AppConfig, generation_config: GenerationConfi
             return StreamingResponse(_stream(job, waiter, body, cfg.model_name), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": job.request.id})
         while (event := await waiter.next()) is not None:
-            kind, value = event  # "text" events are not needed: the result holds the whole text
+            kind, value = event
             if kind == "error":
                 return error_response(value)
             elif kind == "done":

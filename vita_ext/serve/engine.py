@@ -105,11 +105,11 @@ class StopText:
 
 class Job:
     """One request on rank 0, between the engine thread and the asyncio handler that waits for it.
-    Events (``kind``, value): ("started", None) inputs are ready; ("text", str); ("done", Result);
-    ("error", APIError)."""
+    Events (``kind``, value): ("started", None) inputs are ready; ("text", str) (streaming jobs only);
+    ("done", Result); ("error", APIError)."""
 
-    def __init__(self, request: Request, stops: list[str], loop: asyncio.AbstractEventLoop):
-        self.request, self.loop = request, loop
+    def __init__(self, request: Request, stops: list[str], loop: asyncio.AbstractEventLoop, stream: bool = True):
+        self.request, self.loop, self.stream = request, loop, stream
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.stopping: threading.Event | None = None  # the engine's, set on submit
@@ -126,7 +126,7 @@ class Job:
         """Hand a piece of text to the client; True when generation should stop here."""
         hit = self.text.add(piece)
         out = self.text.take(final)
-        if out:
+        if out and self.stream:  # a whole answer needs no pieces: it is in the Result
             self.post("text", out)
         return hit or self.cancelled.is_set() or bool(self.stopping and self.stopping.is_set())
 

@@ -11,8 +11,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -23,7 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from _serve import ROOT, Server, chat, env, rss_bytes, sse_events  # noqa: E402
+from _serve import ROOT, Server, chat, rss_bytes, sse_events  # noqa: E402
 from vita_ext.model.checkpoint import write_random_checkpoint  # noqa: E402
 from vita_ext.model.presets import tiny  # noqa: E402
 from vita_ext.serve.engine import StopText, context_budget  # noqa: E402
@@ -114,13 +112,15 @@ def _stream_text(client, content, **kw):
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
 
 
-def _generate_cli(*args) -> tuple[str, int]:
-    """(text, prompt tokens) of `vita-ext generate ARGS` with the default model."""
-    res = subprocess.run([sys.executable, "-m", "vita_ext", "generate", *args], capture_output=True, text=True,
-                         env=env(), cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stderr
-    prompt_tokens = int(re.search(r"prompt tokens: (\d+)", res.stderr).group(1))
-    return (res.stdout[:-1] if res.stdout.endswith("\n") else res.stdout), prompt_tokens  # one newline added
+def _generate_cli(capsys, *args) -> tuple[str, int]:
+    """(text, prompt tokens) of `vita-ext generate ARGS` with the default model (in this process)."""
+    from vita_ext.cli import main
+
+    capsys.readouterr()
+    assert main(["generate", *args]) == 0
+    out, err = capsys.readouterr()
+    prompt_tokens = int(re.search(r"prompt tokens: (\d+)", err).group(1))
+    return (out[:-1] if out.endswith("\n") else out), prompt_tokens  # generate ends with one newline
 
 
 def _still_answers(server):
@@ -170,27 +170,27 @@ def test_digit_images_answered(server, media, how):
         assert t["prefill"] > 0 and t["decode"] >= 0 and t["queue"] >= 0
 
 
-def test_stream_equals_non_stream_equals_generate(server, media):
+def test_stream_equals_non_stream_equals_generate(server, media, capsys):
     client = server.client(KEY)
     path, label = media["images"][1]
     content = [_image_part(path), {"type": "text", "text": "Describe the image."}]
     reply = _ask(client, content, temperature=0)
     whole = reply.choices[0].message.content
     streamed, chunks = _stream_text(client, content, temperature=0)
-    cli, prompt_tokens = _generate_cli("--image", path, "--prompt", "Describe the image.", "--temperature", "0")
+    cli, prompt_tokens = _generate_cli(capsys, "--image", path, "--prompt", "Describe the image.", "--temperature", "0")
     assert whole == streamed == cli and label in whole, (whole, streamed, cli)
     assert reply.usage.prompt_tokens == prompt_tokens
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
     assert all(c.id == chunks[0].id for c in chunks)
 
 
-def test_video(server, media):
+def test_video(server, media, capsys):
     client = server.client(KEY)
     content = [{"type": "video_url", "video_url": {"url": "file://" + media["video"]}},
                {"type": "text", "text": "Read the digits in order."}]
     reply = _ask(client, content, temperature=0, max_tokens=12, extra_body={"max_frames": 4})
     streamed, _ = _stream_text(client, content, temperature=0, max_tokens=12, extra_body={"max_frames": 4})
-    cli, prompt_tokens = _generate_cli("--video", media["video"], "--prompt", "Read the digits in order.",
+    cli, prompt_tokens = _generate_cli(capsys, "--video", media["video"], "--prompt", "Read the digits in order.",
                                        "--temperature", "0", "--max-new-tokens", "12", "--max-frames", "4")
     text = reply.choices[0].message.content
     assert text == streamed == cli and text, (text, streamed, cli)
@@ -394,7 +394,7 @@ def test_64_concurrent_clients(tiny_server):
             assert status == 200 and body["choices"][0]["message"]["content"] == expected[p]
         rss.append(rss_bytes(pid))
         print(f"64 clients: {len(answered)} answered at once, {len(busy)} got 429 then were answered; "
-              f"server RSS {rss[-1] / 2**20:.0f} MiB")
+              f"server RSS {[round(r / 2**20) for r in rss]} MiB")
     assert tiny_server.health()["queued"] == 0
     assert rss[2] - rss[1] < 32 * 2**20, [r / 2**20 for r in rss]  # flat once warm (MiB)
 

@@ -31,7 +31,7 @@ from PIL import Image
 from vita_ext.processing import apply_chat_template
 from vita_ext.processing.prompt import IMAGE_TAG, VIDEO_TAG
 
-from .protocol import APIError, ChatCompletionRequest, bad_request
+from .protocol import ChatCompletionRequest, bad_request
 
 
 @dataclass(frozen=True)
@@ -168,4 +168,4 @@ def video_paths(videos: tuple[Media, ...]) -> Iterator[list[str]]:
                 pass
 
 
-__all__ = ["APIError", "Media", "MediaPolicy", "Prompt", "build_prompt", "open_image", "video_paths"]
+__all__ = ["Media", "MediaPolicy", "Prompt", "build_prompt", "open_image", "video_paths"]

@@ -98,19 +98,21 @@ def serve(model, processor, generation_config: GenerationConfig, options: ServeO
     worker = Worker(model, processor, generation_config, max_len, control)
     if context_parallel and dist.get_rank() != 0:
         return follow(worker)
-    engine = Engine(worker, options.max_queue)
-    app = build_app(engine, AppConfig(options.model_name, max_len, options.max_frames, options.max_tiles,
-                                      options.api_key, int(options.max_body_mb * 2**20), options.media_root),
-                    generation_config)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                            access_log=options.access_log, timeout_graceful_shutdown=5, lifespan="off")
-    server = _Server(config, engine)
-    engine.on_fatal = lambda: setattr(server, "should_exit", True)
-    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     try:
-        sock = socket.create_server((options.host, options.port), family=family)  # port 0: the OS picks one
-    except OSError as exc:
-        raise ValueError(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}") from exc
+        sock = _listen(options.host, options.port)
+        engine = Engine(worker, options.max_queue)
+        app = build_app(engine, AppConfig(options.model_name, max_len, options.max_frames, options.max_tiles,
+                                          options.api_key, int(options.max_body_mb * 2**20), options.media_root),
+                        generation_config)
+        config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                                access_log=options.access_log, timeout_graceful_shutdown=5, lifespan="off")
+        server = _Server(config, engine)
+        engine.on_fatal = lambda: setattr(server, "should_exit", True)
+        engine.start()  # from here on, the engine tells the other ranks to stop when it ends
+    except BaseException:
+        if context_parallel:  # the other ranks wait for rank 0's first message: make it STOP
+            cpd.send(cpd.STOP, control)
+        raise
     host, port = sock.getsockname()[:2]
     if options.media_root is None and options.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening beyond this host without --media-root: clients can make the server read any "
@@ -119,7 +121,6 @@ def serve(model, processor, generation_config: GenerationConfig, options: ServeO
     log.info("serving %s at http://%s:%d (pid %d, %s, max model len %d, queue %d) -- POST /v1/chat/completions",
              options.model_name, host if ":" not in host else f"[{host}]", port, os.getpid(), where, max_len,
              options.max_queue)
-    engine.start()
     restore = None
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises a captured SIGTERM after its graceful shutdown; turn it into a clean exit.
@@ -131,6 +132,15 @@ def serve(model, processor, generation_config: GenerationConfig, options: ServeO
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)
     return 1 if worker.broken else 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: the OS picks one); ValueError naming the address if it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def _exit_on_sigterm(signum, frame):

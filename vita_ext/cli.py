@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a time in arrival order. Under `torchrun --nproc-per-node P -m vita_ext serve "
                                    "--context-parallel`, rank 0 serves and every rank runs each request.")
     s.add_argument("--model", help="checkpoint directory (HF release layout); default: the embedded tiny model")
-    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the checkpoint directory's name; "
+                        "vita-ext-default for the embedded model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     s.add_argument("--api-key", default=None,

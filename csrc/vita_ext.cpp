@@ -36,14 +36,17 @@ TORCH_LIBRARY(vita_ext, m) {
 
   // Flash-style attention returning the log-sum-exp: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]
   // -> (out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32). Causal masks are bottom-right aligned (query i
-  // sees keys j <= i + Sk - Sq). cu_seqlens [n+1] (B == 1, Sq == Sk) makes it block-diagonal.
+  // sees keys j <= i + Sk - Sq). cu_seqlens [n+1] (B == 1, Sq == Sk) makes it block-diagonal;
+  // with max_seqlen (the longest segment, as FlashAttention's varlen API) a CUDA cu_seqlens is trusted
+  // as validated by the caller and stays on the device (no host copy, no sync); without it, it is
+  // copied to the host and checked.
   m.def("attention_lse(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
-        "Tensor? cu_seqlens) -> (Tensor, Tensor)");
+        "Tensor? cu_seqlens, int? max_seqlen=None) -> (Tensor, Tensor)");
   // Gradients w.r.t. (q, k, v) given out and lse (which may come from a larger, merged attention,
   // as in ring attention). grad_lse is optional.
   m.def("attention_lse_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-        "Tensor out, Tensor lse, bool causal, float softmax_scale, Tensor? cu_seqlens) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor out, Tensor lse, bool causal, float softmax_scale, Tensor? cu_seqlens, "
+        "int? max_seqlen=None) -> (Tensor, Tensor, Tensor)");
 
   // In-place merge of a partial attention result (block_out, block_lse) into (out, lse), in fp32:
   // lse' = logaddexp(lse, block_lse); out' = out * exp(lse - lse') + block_out * exp(block_lse - lse').

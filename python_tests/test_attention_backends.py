@@ -332,3 +332,24 @@ def test_torch_compile_fullgraph_flash_path():
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["vita", "flash"])
+def test_cuda_varlen_training_step_has_no_host_sync(cuda_device, backend):
+    # Packed training on a GPU: cu_seqlens on the device with max_seqlen from the packer -> no sync in the
+    # forward or the backward, on the vita kernels as on the flash ones (issue 12).
+    if ab.why_not(backend, ab.AttentionCall("cuda", BF16, 64, True, True)) is not None:
+        pytest.skip(f"backend {backend} unavailable here")
+    q, k, v = (rand(1, 300, h, 64, dtype=BF16, device=cuda_device).requires_grad_() for h in (8, 2, 2))
+    cu = torch.tensor([0, 100, 101, 300], dtype=torch.int32, device=cuda_device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = vita_ext.attention_lse(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=199, backend=backend)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = vita_ext.reference.attention_lse(q.detach().double(), k.detach().double(), v.detach().double(), True,
+                                            None, cu)[0]
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)

@@ -357,3 +357,17 @@ def test_wrong_device():
         torch.ops.vita_ext.attention_lse(q, k.cpu(), v, False, 0.25, None)
     with pytest.raises(RuntimeError, match="argument 'q' must have dtype .* on CUDA"):
         torch.ops.vita_ext.attention_lse(q.double(), k.double(), v.double(), False, 0.25, None)
+
+
+def test_bad_max_seqlen(device, backend):
+    q, k, v = _qkv((1, 6, 6, 4, 2, 16), device, torch.bfloat16)
+    cu = torch.tensor([0, 2, 6], device=device)
+    with pytest.raises(RuntimeError, match=r"argument 'max_seqlen' must be in \[0, 6\] .*got 7"):
+        vita_ext.attention_lse(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=7, backend=backend)
+    if backend == "vita":
+        with pytest.raises(RuntimeError, match=r"argument 'max_seqlen' must be in \[0, 6\] .*got -1"):
+            torch.ops.vita_ext.attention_lse(q, k, v, True, 0.25, cu, -1)
+    # on the CPU the offsets are still checked on the host even with max_seqlen
+    if device.type == "cpu":
+        with pytest.raises(RuntimeError, match="argument 'cu_seqlens' must end at the sequence length 6"):
+            vita_ext.attention_lse(q, k, v, causal=True, cu_seqlens=cu[:2], max_seqlen=2, backend=backend)

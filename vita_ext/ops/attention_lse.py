@@ -56,7 +56,7 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax
     name = select_backend(call_of(q, k, v, cu_seqlens), backend)
     BACKEND_CALLS[name] += 1
     if name == "vita":
-        return torch.ops.vita_ext.attention_lse(q, k, v, bool(causal), scale, cu_seqlens)
+        return torch.ops.vita_ext.attention_lse(q, k, v, bool(causal), scale, cu_seqlens, _opt_int(max_seqlen))
     cu, max_seqlen = _varlen_args(q, k, cu_seqlens, max_seqlen)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _flash_forward(name, q, k, v, bool(causal), scale, cu, max_seqlen)  # inference: no autograd node
@@ -89,7 +89,7 @@ def attention_lse_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     name = select_backend(call_of(q, k, v, cu_seqlens, backward=True), backend)
     if name == "vita" or grad_lse is not None:
         return torch.ops.vita_ext.attention_lse_backward(grad_out, grad_lse, q, k, v, out, lse, bool(causal), scale,
-                                                         cu_seqlens)
+                                                         cu_seqlens, _opt_int(max_seqlen))
     cu, max_seqlen = _varlen_args(q, k, cu_seqlens, max_seqlen)
     return _flash_backward(name, grad_out, q, k, v, out, lse, bool(causal), scale, cu, max_seqlen)
 
@@ -167,6 +167,10 @@ def check_backward_args(op: str, grad_out: Tensor, grad_lse: Tensor | None, q: T
         _check_like(op, grad_lse, "grad_lse", (ld,), _dt(ld), q.device, lse_shape, "[B, Hq, Sq] of 'q'")
 
 
+def _opt_int(x: int | None) -> int | None:
+    return None if x is None else int(x)
+
+
 def _scale(q: Tensor, softmax_scale: float | None) -> float:
     if softmax_scale is not None:
         return float(softmax_scale)
@@ -180,10 +184,13 @@ def _varlen_args(q: Tensor, k: Tensor, cu_seqlens: Tensor | None, max_seqlen: in
     if cu_seqlens is None:
         return None, None
     check_cu_seqlens_layout("attention_lse", cu_seqlens, q, k)
-    if q.device.type == "cpu" or max_seqlen is None:
+    if max_seqlen is not None and not 0 <= int(max_seqlen) <= q.shape[1]:
+        raise RuntimeError(f"attention_lse: argument 'max_seqlen' must be in [0, {q.shape[1]}] (the sequence length "
+                           f"of 'q'), got {max_seqlen}")
+    if q.device.type == "cpu" or max_seqlen is None or cu_seqlens.device.type == "cpu":
         host = validate_cu_seqlens(cu_seqlens, q.shape[1], "attention_lse")
         longest = max(b - a for a, b in zip(host[:-1], host[1:]))
-        return (host if q.device.type == "cpu" else cu_seqlens), longest
+        return (host if q.device.type == "cpu" else cu_seqlens.to(q.device)), longest
     return cu_seqlens, int(max_seqlen)
 
 
@@ -194,9 +201,6 @@ def check_cu_seqlens_layout(op: str, cu: Tensor, q: Tensor, k: Tensor) -> None:
                            f"{_dt(cu.dtype)}")
     if cu.dim() != 1 or cu.shape[0] < 2:
         raise RuntimeError(f"{op}: argument 'cu_seqlens' must be 1-D [n + 1] with n >= 1, got shape {_shape(cu)}")
-    if cu.device != q.device:
-        raise RuntimeError(f"{op}: argument 'cu_seqlens' must be on device {q.device} (the device of 'q'), got "
-                           f"{cu.device}")
     if q.shape[0] != 1:
         raise RuntimeError(f"{op}: argument 'cu_seqlens' requires batch size 1 (packed sequences), got 'q' of "
                            f"shape {_shape(q)}")
@@ -261,7 +265,8 @@ class _FlashAttentionLSE(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None:
             cu_t = torch.tensor(cu, dtype=torch.int64) if isinstance(cu, list) else cu
-            dq, dk, dv = torch.ops.vita_ext.attention_lse_backward(dout, dlse, q, k, v, out, lse, causal, scale, cu_t)
+            dq, dk, dv = torch.ops.vita_ext.attention_lse_backward(dout, dlse, q, k, v, out, lse, causal, scale, cu_t,
+                                                                   max_seqlen)
         else:
             dq, dk, dv = _flash_backward(name, dout, q, k, v, out, lse, causal, scale, cu, max_seqlen)
         return dq, dk, dv, None, None, None, None, None
@@ -269,31 +274,31 @@ class _FlashAttentionLSE(torch.autograd.Function):
 
 # ------------------------------------------------------------------------ the vita op's registrations
 @torch.library.register_fake("vita_ext::attention_lse")
-def _fake(q, k, v, causal, softmax_scale, cu_seqlens):
+def _fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen=None):
     b, sq, hq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, hq, sq), dtype=lse_dtype)
 
 
 @torch.library.register_fake("vita_ext::attention_lse_backward")
-def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens):
+def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, cu_seqlens = inputs
+    q, k, v, causal, softmax_scale, cu_seqlens, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.causal, ctx.softmax_scale, ctx.max_seqlen = causal, softmax_scale, (rest[0] if rest else None)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = torch.ops.vita_ext.attention_lse_backward(grad_out, grad_lse, q, k, v, out, lse, ctx.causal,
-                                                           ctx.softmax_scale, cu_seqlens)
-    return dq, dk, dv, None, None, None
+                                                           ctx.softmax_scale, cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None, None, None
 
 
 torch.library.register_autograd("vita_ext::attention_lse", _backward, setup_context=_setup_context)

@@ -1,0 +1,689 @@
+// Fibers, blocks and rendezvous: the heart of the CUDA emulation.
+//
+// A launch runs its blocks one after another (forward, reverse or random order). A block gives each of
+// its threads a fiber (an x86-64 context on its own mmap'd stack with a guard page) and resumes them in
+// the chosen order; a fiber runs until it exits or blocks at a rendezvous, so a missing barrier lets one
+// thread run as far ahead of the others as it can -- the most hostile schedule, deterministic per order.
+// Cost: one context switch per thread per rendezvous, ~50-100 ns.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <vector>
+
+#include "internal.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define CUDA_EMU_ASAN 1
+#else
+#define CUDA_EMU_ASAN 0
+#endif
+
+#if !defined(__x86_64__)
+#error "cuda_emu: the fiber switch is written for x86-64"
+#endif
+
+extern "C" {
+CUDA_EMU_HIDDEN void cuda_emu_switch(void** save_sp, void* new_sp);
+CUDA_EMU_HIDDEN void cuda_emu_fiber_start();
+[[noreturn]] CUDA_EMU_HIDDEN void cuda_emu_fiber_main();
+}
+
+// Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores the
+// stack pointer in *save_sp, switches to new_sp and restores the same set from there.
+asm(R"(
+  .text
+  .globl cuda_emu_switch
+  .hidden cuda_emu_switch
+  .type cuda_emu_switch, @function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emu_switch, .-cuda_emu_switch
+
+  .globl cuda_emu_fiber_start
+  .hidden cuda_emu_fiber_start
+  .type cuda_emu_fiber_start, @function
+cuda_emu_fiber_start:
+  call cuda_emu_fiber_main
+  ud2
+  .size cuda_emu_fiber_start, .-cuda_emu_fiber_start
+)");
+
+namespace cuda_emu {
+
+ThreadCtx* g_thread = nullptr;
+BlockCtx* g_block = nullptr;
+
+namespace {
+
+enum class St : uint8_t { Ready, Blocked, Done };
+enum class Wait : uint8_t { None, Sync, Warp };
+
+struct Fault : std::exception {
+  explicit Fault(std::string m) : msg(std::move(m)) {}
+  const char* what() const noexcept override { return msg.c_str(); }
+  std::string msg;
+};
+
+struct Fiber {
+  void* sp = nullptr;
+  char* stack = nullptr;  // lowest usable byte (a PROT_NONE guard page lies below)
+  size_t size = 0;
+  void* fake = nullptr;   // ASan's fake stack of this fiber
+  St st = St::Ready;
+  Wait wait = Wait::None;
+  Site site{};
+  Coll coll{};
+  unsigned coll_mask = 0;
+  uint64_t result = 0;
+  ThreadCtx ctx{};
+};
+
+struct Pending {  // a warp collective some lanes of the mask have reached
+  unsigned mask = 0, arrived = 0;
+  Coll kind{};
+  Site site{};
+  int width = 32;
+  uint64_t vals[32]{};
+  int params[32]{};
+};
+
+struct WarpState {
+  unsigned present = 0, exited = 0;
+  std::vector<Pending> pend;
+};
+
+struct Block {
+  BlockCtx ctx{};
+  const LaunchDesc* launch = nullptr;
+  void (*thread_main)(void*) = nullptr;
+  void* arg = nullptr;
+  unsigned n = 0, live = 0, done = 0;
+  std::vector<WarpState> warps;
+  unsigned sync_arrived = 0;
+  Site sync_site{};
+  int sync_kind = 0, sync_count = 0, sync_and = 1, sync_or = 0;
+  std::string error;
+  int error_thread = -1;
+  std::vector<std::pair<const void*, void*>> shared;
+  size_t static_bytes = 0;
+  void* dyn = nullptr;
+  size_t dyn_bytes = 0;
+  bool entered = false;
+};
+
+std::vector<Fiber> g_pool;  // fibers (and their stacks) reused by every block
+size_t g_pool_stack = 0;
+Block* g_blk = nullptr;
+Fiber* g_cur = nullptr;
+void* g_sched_sp = nullptr;
+const char* g_kernel_name = nullptr;  // __PRETTY_FUNCTION__ of the running launch's kernel
+#if CUDA_EMU_ASAN
+const void* g_sched_bottom = nullptr;
+size_t g_sched_size = 0;
+void* g_sched_fake = nullptr;
+#endif
+
+const char* coll_name(Coll c) {
+  switch (c) {
+    case Coll::SyncWarp: return "__syncwarp";
+    case Coll::ShflIdx: return "__shfl_sync";
+    case Coll::ShflXor: return "__shfl_xor_sync";
+    case Coll::ShflUp: return "__shfl_up_sync";
+    case Coll::ShflDown: return "__shfl_down_sync";
+    case Coll::Ballot: return "__ballot_sync";
+    case Coll::Any: return "__any_sync";
+    case Coll::All: return "__all_sync";
+  }
+  return "?";
+}
+
+const char* sync_name(int kind) {
+  static const char* names[] = {"__syncthreads", "__syncthreads_count", "__syncthreads_and", "__syncthreads_or"};
+  return names[kind & 3];
+}
+
+std::string where(Site s) {
+  const char* slash = std::strrchr(s.file, '/');
+  return std::string(slash ? slash + 1 : s.file) + ":" + std::to_string(s.line);
+}
+
+bool same_site(Site a, Site b) { return a.line == b.line && (a.file == b.file || std::strcmp(a.file, b.file) == 0); }
+
+std::string lanes_str(unsigned m) {
+  std::string s;
+  for (int l = 0; l < 32; ++l)
+    if (m & (1u << l)) s += (s.empty() ? "" : ",") + std::to_string(l);
+  return "{" + s + "}";
+}
+
+std::string hex(unsigned m) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "0x%08x", m);
+  return buf;
+}
+
+// ------------------------------------------------------------------------------------------ fibers
+
+void ensure_pool(unsigned n) {
+  const size_t want = options().stack_bytes;
+  if (g_pool_stack != want) {  // stack size changed: drop the pool
+    for (Fiber& f : g_pool) munmap(f.stack - sysconf(_SC_PAGESIZE), f.size + sysconf(_SC_PAGESIZE));
+    g_pool.clear();
+    g_pool_stack = want;
+  }
+  const size_t page = sysconf(_SC_PAGESIZE);
+  const size_t size = (want + page - 1) / page * page;
+  while (g_pool.size() < n) {
+    void* base = mmap(nullptr, size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) throw_error("cuda_emu: cannot map a fiber stack");
+    mprotect(base, page, PROT_NONE);  // overflow faults instead of corrupting the neighbour
+    Fiber f;
+    f.stack = static_cast<char*>(base) + page;
+    f.size = size;
+    g_pool.push_back(f);
+  }
+}
+
+void init_fiber(Fiber& f) {
+#if CUDA_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(f.stack, f.size);  // an abandoned fiber may have left redzones
+#endif
+  char* top = f.stack + f.size;
+  auto* sp = reinterpret_cast<uint64_t*>(top - 128);
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  sp[0] = mxcsr | (static_cast<uint64_t>(fpucw) << 32);
+  for (int i = 1; i <= 6; ++i) sp[i] = 0;  // r15 r14 r13 r12 rbx rbp (rbp = 0 ends frame-pointer walks)
+  sp[7] = reinterpret_cast<uint64_t>(&cuda_emu_fiber_start);
+  f.sp = sp;
+  f.fake = nullptr;
+  f.st = St::Ready;
+  f.wait = Wait::None;
+  f.result = 0;
+}
+
+void resume(Fiber* f) {
+  g_cur = f;
+  g_thread = &f->ctx;
+  ++stats().switches;
+#if CUDA_EMU_ASAN
+  __sanitizer_start_switch_fiber(&g_sched_fake, f->stack, f->size);
+#endif
+  cuda_emu_switch(&g_sched_sp, f->sp);
+#if CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(g_sched_fake, nullptr, nullptr);
+#endif
+  g_cur = nullptr;
+  g_thread = nullptr;
+}
+
+void to_scheduler(Fiber* f) {
+#if CUDA_EMU_ASAN
+  __sanitizer_start_switch_fiber(&f->fake, g_sched_bottom, g_sched_size);
+#endif
+  cuda_emu_switch(&f->sp, g_sched_sp);
+#if CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f->fake, &g_sched_bottom, &g_sched_size);
+#endif
+}
+
+void block_here(Fiber* f) {
+  f->st = St::Blocked;
+  to_scheduler(f);
+}
+
+Fiber* current(const char* what) {
+  if (g_cur == nullptr) host_access(what);
+  return g_cur;
+}
+
+Fiber& fiber_of(const Block& b, unsigned warp, unsigned lane) {
+  (void)b;
+  return g_pool[warp * 32 + lane];
+}
+
+void record_error(Block& b, const std::string& msg, int thread) {
+  if (!b.error.empty()) return;
+  b.error = msg;
+  b.error_thread = thread;
+}
+
+void release_sync(Block& b) {
+  const int res = b.sync_kind == 1 ? b.sync_count : b.sync_kind == 2 ? b.sync_and : b.sync_or;
+  for (unsigned i = 0; i < b.n; ++i) {
+    Fiber& o = g_pool[i];
+    if (o.st == St::Blocked && o.wait == Wait::Sync) {
+      o.result = static_cast<uint64_t>(res);
+      o.st = St::Ready;
+    }
+  }
+  b.sync_arrived = 0;
+}
+
+void thread_exit(Fiber* f) {
+  Block& b = *g_blk;
+  f->st = St::Done;
+  --b.live;
+  ++b.done;
+  WarpState& w = b.warps[f->ctx.warp];
+  const unsigned bit = 1u << f->ctx.lane;
+  w.exited |= bit;
+  for (const Pending& p : w.pend) {
+    if (p.mask & bit) {
+      record_error(b, std::string("lane ") + std::to_string(f->ctx.lane) + " exited while lanes " +
+                          lanes_str(p.arrived) + " of its warp wait for it at " + coll_name(p.kind) + " (" +
+                          where(p.site) + ", mask " + hex(p.mask) + ")",
+                   static_cast<int>(f->ctx.linear));
+    }
+  }
+  if (b.sync_arrived > 0 && b.sync_arrived == b.live) release_sync(b);
+}
+
+std::string deadlock_report(const Block& b) {
+  std::map<std::string, unsigned> groups;
+  for (unsigned i = 0; i < b.n; ++i) {
+    const Fiber& f = g_pool[i];
+    if (f.st != St::Blocked) continue;
+    std::string key = f.wait == Wait::Sync ? std::string(sync_name(b.sync_kind)) + " (" + where(f.site) + ")"
+                                           : std::string(coll_name(f.coll)) + " (" + where(f.site) + ", mask " +
+                                                 hex(f.coll_mask) + ")";
+    ++groups[key];
+  }
+  std::string s = "deadlock: no thread can run;";
+  for (const auto& [k, n] : groups) s += " " + std::to_string(n) + " thread(s) wait at " + k + ";";
+  s += " " + std::to_string(b.done) + " of " + std::to_string(b.n) + " threads exited";
+  return s;
+}
+
+void run_fibers(Block& b, const std::vector<unsigned>& order) {
+  for (;;) {
+    bool ran = false;
+    for (unsigned i : order) {
+      Fiber& f = g_pool[i];
+      if (f.st != St::Ready) continue;
+      resume(&f);
+      ran = true;
+      if (!b.error.empty()) return;
+    }
+    if (b.done == b.n) return;
+    if (!ran) {
+      record_error(b, deadlock_report(b), -1);
+      return;
+    }
+  }
+}
+
+std::vector<unsigned> make_order(unsigned n, std::mt19937_64& rng) {
+  std::vector<unsigned> v(n);
+  std::iota(v.begin(), v.end(), 0u);
+  if (options().order == Order::Reverse) std::reverse(v.begin(), v.end());
+  if (options().order == Order::Random) std::shuffle(v.begin(), v.end(), rng);
+  return v;
+}
+
+std::string dim_str(dim3 d) {
+  return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
+std::string launch_str(const LaunchDesc& d) {
+  std::string s = "kernel ";
+  s += g_kernel_name ? g_kernel_name : d.callee;
+  s += "\n  launched at " + where(Site{d.file, d.line}) + " as " + d.callee + "<<<" + dim_str(d.grid) + ", " +
+       dim_str(d.block) + ", " + std::to_string(d.smem) + ">>>";
+  return s;
+}
+
+void free_block_memory(Block& b) {
+  for (auto& e : b.shared) std::free(e.second);
+  b.shared.clear();
+  std::free(b.dyn);
+  b.dyn = nullptr;
+}
+
+// Runs block `lin` (linear index in the grid) to completion; returns the error text, empty if none.
+std::string run_block(const LaunchDesc& d, uint64_t lin, void (*thread_main)(void*), void* arg,
+                      std::mt19937_64& rng) {
+  Block b;
+  b.launch = &d;
+  b.thread_main = thread_main;
+  b.arg = arg;
+  b.ctx.dim = d.block;
+  b.ctx.grid = d.grid;
+  b.ctx.idx = uint3{static_cast<unsigned>(lin % d.grid.x), static_cast<unsigned>(lin / d.grid.x % d.grid.y),
+                    static_cast<unsigned>(lin / (static_cast<uint64_t>(d.grid.x) * d.grid.y))};
+  b.n = d.block.x * d.block.y * d.block.z;
+  b.live = b.n;
+  b.warps.resize((b.n + 31) / 32);
+  for (unsigned i = 0; i < b.n; ++i) b.warps[i / 32].present |= 1u << (i % 32);
+  b.dyn_bytes = d.smem;
+  if (posix_memalign(&b.dyn, 16, d.smem ? d.smem : 1) != 0) throw_error("cuda_emu: out of memory");
+  if (options().nan_fill) std::memset(b.dyn, 0xFF, d.smem);
+  for (unsigned i = 0; i < b.n; ++i) {
+    Fiber& f = g_pool[i];
+    init_fiber(f);
+    f.ctx.linear = i;
+    f.ctx.idx = uint3{i % d.block.x, i / d.block.x % d.block.y, i / (d.block.x * d.block.y)};
+    f.ctx.lane = i % 32;
+    f.ctx.warp = i / 32;
+  }
+  g_blk = &b;
+  g_block = &b.ctx;
+  run_fibers(b, make_order(b.n, rng));
+  g_blk = nullptr;
+  g_block = nullptr;
+  free_block_memory(b);
+  if (b.error.empty()) return {};
+  std::string s = b.error + "\n  in " + launch_str(d) + "\n  block " +
+                  dim_str(dim3(b.ctx.idx.x, b.ctx.idx.y, b.ctx.idx.z));
+  if (b.error_thread >= 0) {
+    const Fiber& f = g_pool[b.error_thread];
+    s += ", thread " + dim_str(dim3(f.ctx.idx.x, f.ctx.idx.y, f.ctx.idx.z)) + " (warp " + std::to_string(f.ctx.warp) +
+         ", lane " + std::to_string(f.ctx.lane) + ")";
+  }
+  s += "\n  thread and block order: " + std::string(order_name(options().order));
+  if (options().order == Order::Random) s += " (seed " + std::to_string(options().seed) + ")";
+  return s;
+}
+
+uint64_t g_launch_counter = 0;
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------ public API
+
+void kernel_fault(const std::string& what) {
+  if (g_cur == nullptr) throw_error("cuda_emu: " + what);
+  throw Fault(what);
+}
+
+void host_access(const char* what) {
+  throw_error(std::string("cuda_emu: ") + what + " used outside a kernel (no emulated CUDA thread is running)");
+}
+
+unsigned activemask() {
+  Fiber* f = current("__activemask");
+  const WarpState& w = g_blk->warps[f->ctx.warp];
+  return w.present & ~w.exited;
+}
+
+uint64_t warp_collective(Coll kind, unsigned mask, uint64_t value, int param, int width, Site site) {
+  Fiber* f = current(coll_name(kind));
+  Block& b = *g_blk;
+  const unsigned lane = f->ctx.lane, bit = 1u << lane, warp = f->ctx.warp;
+  WarpState& w = b.warps[warp];
+  const std::string me = std::string(coll_name(kind)) + " (" + where(site) + ", mask " + hex(mask) + ")";
+  if (!(mask & bit)) kernel_fault("lane " + std::to_string(lane) + " calls " + me + " without its own lane in the mask");
+  if (mask & ~w.present)
+    kernel_fault(me + " names lanes " + lanes_str(mask & ~w.present) + " that do not exist (the block has " +
+                 std::to_string(b.n) + " threads)");
+  if (mask & w.exited) kernel_fault(me + " waits for lanes " + lanes_str(mask & w.exited) + " that have exited");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+    kernel_fault(me + " with width " + std::to_string(width) + " (must be a power of 2 up to 32)");
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask & (1u << l)) || l == lane) continue;
+    const Fiber& o = fiber_of(b, warp, l);
+    if (o.st == St::Blocked && o.wait == Wait::Sync)
+      kernel_fault("lane " + std::to_string(l) + " waits at __syncthreads (" + where(o.site) + ") while lane " +
+                   std::to_string(lane) + " calls " + me);
+  }
+  Pending* p = nullptr;
+  for (Pending& q : w.pend)
+    if (q.mask & mask) p = &q;
+  if (p != nullptr) {
+    const bool same = p->mask == mask && p->kind == kind && p->width == width &&
+                      (kind == Coll::SyncWarp || same_site(p->site, site));
+    if (!same)
+      kernel_fault("lanes of one warp at different collectives: lanes " + lanes_str(p->arrived) + " wait at " +
+                   coll_name(p->kind) + " (" + where(p->site) + ", mask " + hex(p->mask) + "), lane " +
+                   std::to_string(lane) + " calls " + me);
+  } else {
+    w.pend.emplace_back();
+    p = &w.pend.back();
+    p->mask = mask;
+    p->kind = kind;
+    p->site = site;
+    p->width = width;
+  }
+  p->vals[lane] = value;
+  p->params[lane] = param;
+  p->arrived |= bit;
+  if (p->arrived != mask) {
+    f->wait = Wait::Warp;
+    f->site = site;
+    f->coll = kind;
+    f->coll_mask = mask;
+    block_here(f);
+    f->wait = Wait::None;
+    return f->result;
+  }
+  const Pending done = *p;
+  w.pend.erase(w.pend.begin() + (p - w.pend.data()));
+  uint64_t ballot = 0;
+  for (unsigned l = 0; l < 32; ++l)
+    if ((done.mask & (1u << l)) && done.vals[l] != 0) ballot |= 1u << l;
+  uint64_t mine = 0;
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(done.mask & (1u << l))) continue;
+    uint64_t r = 0;
+    const int wd = done.width, seg = static_cast<int>(l) & ~(wd - 1), pl = done.params[l];
+    int src = static_cast<int>(l);
+    switch (done.kind) {
+      case Coll::SyncWarp: break;
+      case Coll::Ballot: r = ballot; break;
+      case Coll::Any: r = ballot != 0; break;
+      case Coll::All: r = ballot == done.mask; break;
+      case Coll::ShflIdx: src = seg + (((pl % wd) + wd) % wd); break;
+      case Coll::ShflXor: src = static_cast<int>(l) ^ (pl & 31); if (src >= seg + wd) src = static_cast<int>(l); break;
+      case Coll::ShflUp: src = static_cast<int>(l) - pl; if (src < seg) src = static_cast<int>(l); break;
+      case Coll::ShflDown: src = static_cast<int>(l) + pl; if (src >= seg + wd) src = static_cast<int>(l); break;
+    }
+    if (done.kind == Coll::ShflIdx || done.kind == Coll::ShflXor || done.kind == Coll::ShflUp ||
+        done.kind == Coll::ShflDown) {
+      if (!(done.mask & (1u << src)))
+        kernel_fault("lane " + std::to_string(l) + " of " + me + " reads lane " + std::to_string(src) +
+                     ", which is not in the mask (its value is undefined)");
+      r = done.vals[src];
+    }
+    if (l == lane) {
+      mine = r;
+    } else {
+      Fiber& o = fiber_of(b, warp, l);
+      o.result = r;
+      o.st = St::Ready;
+    }
+  }
+  return mine;
+}
+
+int syncthreads(int kind, int pred, Site site) {
+  Fiber* f = current(sync_name(kind));
+  Block& b = *g_blk;
+  const unsigned bit = 1u << f->ctx.lane;
+  for (const Pending& p : b.warps[f->ctx.warp].pend)
+    if (p.mask & bit)
+      kernel_fault("lane " + std::to_string(f->ctx.lane) + " reaches " + sync_name(kind) + " (" + where(site) +
+                   ") while lanes " + lanes_str(p.arrived) + " of its warp wait for it at " + coll_name(p.kind) +
+                   " (" + where(p.site) + ")");
+  if (b.sync_arrived > 0 && (!same_site(b.sync_site, site) || b.sync_kind != kind))
+    kernel_fault("__syncthreads reached at different lines: " + std::to_string(b.sync_arrived) +
+                 " thread(s) wait at " + sync_name(b.sync_kind) + " (" + where(b.sync_site) + "), thread " +
+                 std::to_string(f->ctx.linear) + " reaches " + sync_name(kind) + " (" + where(site) + ")");
+  if (b.sync_arrived == 0) {
+    b.sync_site = site;
+    b.sync_kind = kind;
+    b.sync_count = 0;
+    b.sync_and = 1;
+    b.sync_or = 0;
+  }
+  ++b.sync_arrived;
+  b.sync_count += pred != 0;
+  b.sync_and = b.sync_and && pred != 0;
+  b.sync_or = b.sync_or || pred != 0;
+  f->wait = Wait::Sync;
+  f->site = site;
+  if (b.sync_arrived == b.live) {
+    f->st = St::Blocked;  // so that release_sync hands it the result like the others
+    release_sync(b);
+    f->st = St::Ready;
+    f->wait = Wait::None;
+    return static_cast<int>(f->result);
+  }
+  block_here(f);
+  f->wait = Wait::None;
+  return static_cast<int>(f->result);
+}
+
+void* static_shared_alloc(const void* key, size_t bytes, size_t align, const char* what) {
+  current("__shared__ memory");
+  Block& b = *g_blk;
+  for (const auto& e : b.shared)
+    if (e.first == key) return e.second;
+  b.static_bytes += bytes;
+  if (b.static_bytes > kDefaultSmem)
+    kernel_fault("static __shared__ memory of " + std::to_string(b.static_bytes) +
+                 " bytes exceeds 48 KB (ptxas rejects such a kernel); declared in " + what);
+  if (b.static_bytes + b.dyn_bytes > kMaxSmemOptin)
+    kernel_fault("too many resources requested for launch: " + std::to_string(b.static_bytes) + " bytes static + " +
+                 std::to_string(b.dyn_bytes) + " bytes dynamic shared memory exceed 227 KB");
+  void* p = nullptr;
+  if (posix_memalign(&p, std::max<size_t>(align, 16), bytes ? bytes : 1) != 0) throw_error("cuda_emu: out of memory");
+  if (options().nan_fill) std::memset(p, 0xFF, bytes);
+  b.shared.emplace_back(key, p);
+  return p;
+}
+
+void* dynamic_shared(size_t align) {
+  current("extern __shared__ memory");
+  if (align > 16) kernel_fault("extern __shared__ alignment above 16 bytes is not emulated");
+  return g_blk->dyn;
+}
+
+void kernel_entry(const char* pretty, long long launch_bounds) {
+  Fiber* f = current("kernel entry");
+  Block& b = *g_blk;
+  (void)f;
+  if (b.entered) return;
+  b.entered = true;
+  if (g_kernel_name == nullptr) {
+    g_kernel_name = pretty;
+    KernelStats& k = stats().kernels[pretty];
+    ++k.launches;
+  }
+  KernelStats& k = stats().kernels[pretty];
+  ++k.blocks;
+  k.threads += b.n;
+  if (launch_bounds > 0 && b.n > static_cast<unsigned long long>(launch_bounds))
+    kernel_fault("too many resources requested for launch: " + std::to_string(b.n) +
+                 " threads per block exceed the kernel's __launch_bounds__(" + std::to_string(launch_bounds) + ")");
+}
+
+void run_launch(const LaunchDesc& d, void (*thread_main)(void*), void* arg) {
+  if (g_cur != nullptr) kernel_fault("a kernel launch from device code (dynamic parallelism) is not emulated");
+  ++stats().launches;
+  const auto fail = [&](cudaError_t e, const std::string& why) {
+    ++stats().launch_errors;
+    set_error(e, why + " (" + d.callee + " launched at " + where(Site{d.file, d.line}) + ")");
+  };
+  const dim3 g = d.grid, t = d.block;
+  if (g.x == 0 || g.y == 0 || g.z == 0) return fail(cudaErrorInvalidConfiguration, "empty grid " + dim_str(g));
+  if (g.x > kMaxGridDimX || g.y > kMaxGridDimYZ || g.z > kMaxGridDimYZ)
+    return fail(cudaErrorInvalidConfiguration, "grid " + dim_str(g) + " exceeds (2^31 - 1, 65535, 65535)");
+  if (t.x == 0 || t.y == 0 || t.z == 0) return fail(cudaErrorInvalidConfiguration, "empty block " + dim_str(t));
+  if (t.x > kMaxBlockDimXY || t.y > kMaxBlockDimXY || t.z > kMaxBlockDimZ)
+    return fail(cudaErrorInvalidConfiguration, "block " + dim_str(t) + " exceeds (1024, 1024, 64)");
+  const uint64_t threads = static_cast<uint64_t>(t.x) * t.y * t.z;
+  if (threads > kMaxThreadsPerBlock)
+    return fail(cudaErrorInvalidConfiguration, "block " + dim_str(t) + " has " + std::to_string(threads) +
+                                                   " threads, more than 1024");
+  if (d.smem > kMaxSmemOptin)
+    return fail(cudaErrorInvalidValue, std::to_string(d.smem) + " bytes of dynamic shared memory exceed 227 KB");
+  const size_t allowed = max_dynamic_smem(d.fn);
+  if (d.smem > allowed)
+    return fail(cudaErrorInvalidValue,
+                std::to_string(d.smem) + " bytes of dynamic shared memory exceed the kernel's limit of " +
+                    std::to_string(allowed) +
+                    (allowed == kDefaultSmem ? " (48 KB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize))"
+                                             : " set by cudaFuncSetAttribute"));
+  const uint64_t blocks = static_cast<uint64_t>(g.x) * g.y * g.z;
+  ensure_pool(static_cast<unsigned>(threads));
+  std::mt19937_64 rng(options().seed * 0x9E3779B97F4A7C15ull + (++g_launch_counter));
+  stats().blocks += blocks;
+  stats().threads += blocks * threads;
+  g_kernel_name = nullptr;
+  const Order order = options().order;
+  std::vector<uint64_t> perm;
+  if (order == Order::Random) {
+    if (blocks > (1u << 24)) throw_error("cuda_emu: random block order over more than 2^24 blocks is not supported");
+    perm.resize(blocks);
+    std::iota(perm.begin(), perm.end(), uint64_t{0});
+    std::shuffle(perm.begin(), perm.end(), rng);
+  }
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t lin = order == Order::Forward ? i : order == Order::Reverse ? blocks - 1 - i : perm[i];
+    const std::string err = run_block(d, lin, thread_main, arg, rng);
+    if (!err.empty()) {
+      g_kernel_name = nullptr;
+      throw_error("CUDA emulation: " + err);
+    }
+  }
+  g_kernel_name = nullptr;
+}
+
+}  // namespace cuda_emu
+
+using namespace cuda_emu;
+
+extern "C" void cuda_emu_fiber_main() {
+  Fiber* f = g_cur;
+#if CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_sched_bottom, &g_sched_size);
+#endif
+  try {
+    g_blk->thread_main(g_blk->arg);
+  } catch (const Fault& e) {
+    record_error(*g_blk, e.msg, static_cast<int>(f->ctx.linear));
+  } catch (const std::exception& e) {
+    record_error(*g_blk, std::string("exception thrown in the kernel: ") + e.what(), static_cast<int>(f->ctx.linear));
+  } catch (...) {
+    record_error(*g_blk, "unknown exception thrown in the kernel", static_cast<int>(f->ctx.linear));
+  }
+  thread_exit(f);
+#if CUDA_EMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, g_sched_bottom, g_sched_size);
+#endif
+  void* dead_sp = nullptr;
+  cuda_emu_switch(&dead_sp, g_sched_sp);
+  __builtin_unreachable();
+}

@@ -118,7 +118,7 @@ struct Pending {  // a warp collective some lanes of the mask have reached
 };
 
 struct WarpState {
-  unsigned present = 0, exited = 0;
+  unsigned present = 0, exited = 0, at_sync = 0;  // lanes that exist / have exited / wait at __syncthreads
   std::vector<Pending> pend;
 };
 
@@ -282,6 +282,7 @@ void record_error(Block& b, const std::string& msg, int thread) {
 
 void release_sync(Block& b) {
   const int res = b.sync_kind == 1 ? b.sync_count : b.sync_kind == 2 ? b.sync_and : b.sync_or;
+  for (WarpState& w : b.warps) w.at_sync = 0;
   for (unsigned i = 0; i < b.n; ++i) {
     Fiber& o = g_pool[i];
     if (o.st == St::Blocked && o.wait == Wait::Sync) {
@@ -443,20 +444,20 @@ uint64_t warp_collective(Coll kind, unsigned mask, uint64_t value, int param, in
   Block& b = *g_blk;
   const unsigned lane = f->ctx.lane, bit = 1u << lane, warp = f->ctx.warp;
   WarpState& w = b.warps[warp];
-  const std::string me = std::string(coll_name(kind)) + " (" + where(site) + ", mask " + hex(mask) + ")";
-  if (!(mask & bit)) kernel_fault("lane " + std::to_string(lane) + " calls " + me + " without its own lane in the mask");
+  // Messages are built only on a fault: this path runs once per lane per collective.
+  const auto me = [&] { return std::string(coll_name(kind)) + " (" + where(site) + ", mask " + hex(mask) + ")"; };
+  if (!(mask & bit))
+    kernel_fault("lane " + std::to_string(lane) + " calls " + me() + " without its own lane in the mask");
   if (mask & ~w.present)
-    kernel_fault(me + " names lanes " + lanes_str(mask & ~w.present) + " that do not exist (the block has " +
+    kernel_fault(me() + " names lanes " + lanes_str(mask & ~w.present) + " that do not exist (the block has " +
                  std::to_string(b.n) + " threads)");
-  if (mask & w.exited) kernel_fault(me + " waits for lanes " + lanes_str(mask & w.exited) + " that have exited");
+  if (mask & w.exited) kernel_fault(me() + " waits for lanes " + lanes_str(mask & w.exited) + " that have exited");
   if (width < 1 || width > 32 || (width & (width - 1)) != 0)
-    kernel_fault(me + " with width " + std::to_string(width) + " (must be a power of 2 up to 32)");
-  for (unsigned l = 0; l < 32; ++l) {
-    if (!(mask & (1u << l)) || l == lane) continue;
-    const Fiber& o = fiber_of(b, warp, l);
-    if (o.st == St::Blocked && o.wait == Wait::Sync)
-      kernel_fault("lane " + std::to_string(l) + " waits at __syncthreads (" + where(o.site) + ") while lane " +
-                   std::to_string(lane) + " calls " + me);
+    kernel_fault(me() + " with width " + std::to_string(width) + " (must be a power of 2 up to 32)");
+  if (w.at_sync & mask & ~bit) {
+    const unsigned l = static_cast<unsigned>(__builtin_ctz(w.at_sync & mask & ~bit));
+    kernel_fault("lane " + std::to_string(l) + " waits at __syncthreads (" + where(fiber_of(b, warp, l).site) +
+                 ") while lane " + std::to_string(lane) + " calls " + me());
   }
   Pending* p = nullptr;
   for (Pending& q : w.pend)
@@ -467,7 +468,7 @@ uint64_t warp_collective(Coll kind, unsigned mask, uint64_t value, int param, in
     if (!same)
       kernel_fault("lanes of one warp at different collectives: lanes " + lanes_str(p->arrived) + " wait at " +
                    coll_name(p->kind) + " (" + where(p->site) + ", mask " + hex(p->mask) + "), lane " +
-                   std::to_string(lane) + " calls " + me);
+                   std::to_string(lane) + " calls " + me());
   } else {
     w.pend.emplace_back();
     p = &w.pend.back();
@@ -512,7 +513,7 @@ uint64_t warp_collective(Coll kind, unsigned mask, uint64_t value, int param, in
     if (done.kind == Coll::ShflIdx || done.kind == Coll::ShflXor || done.kind == Coll::ShflUp ||
         done.kind == Coll::ShflDown) {
       if (!(done.mask & (1u << src)))
-        kernel_fault("lane " + std::to_string(l) + " of " + me + " reads lane " + std::to_string(src) +
+        kernel_fault("lane " + std::to_string(l) + " of " + me() + " reads lane " + std::to_string(src) +
                      ", which is not in the mask (its value is undefined)");
       r = done.vals[src];
     }
@@ -560,6 +561,7 @@ int syncthreads(int kind, int pred, Site site) {
     f->wait = Wait::None;
     return static_cast<int>(f->result);
   }
+  b.warps[f->ctx.warp].at_sync |= bit;
   block_here(f);
   f->wait = Wait::None;
   return static_cast<int>(f->result);

@@ -459,17 +459,22 @@ uint64_t warp_collective(Coll kind, unsigned mask, uint64_t value, int param, in
     kernel_fault("lane " + std::to_string(l) + " waits at __syncthreads (" + where(fiber_of(b, warp, l).site) +
                  ") while lane " + std::to_string(lane) + " calls " + me());
   }
+  // Join the collective these lanes are gathering at, if any. A different one that waits for this lane
+  // while this one waits for its lanes is a mutual wait (divergent lanes at different collectives);
+  // disjoint or one-sided overlaps (half-warps shuffling apart, then a full __syncwarp) are legal.
   Pending* p = nullptr;
-  for (Pending& q : w.pend)
-    if (q.mask & mask) p = &q;
-  if (p != nullptr) {
-    const bool same = p->mask == mask && p->kind == kind && p->width == width &&
-                      (kind == Coll::SyncWarp || same_site(p->site, site));
-    if (!same)
-      kernel_fault("lanes of one warp at different collectives: lanes " + lanes_str(p->arrived) + " wait at " +
-                   coll_name(p->kind) + " (" + where(p->site) + ", mask " + hex(p->mask) + "), lane " +
+  for (Pending& q : w.pend) {
+    const bool same = q.mask == mask && q.kind == kind && q.width == width &&
+                      (kind == Coll::SyncWarp || same_site(q.site, site));
+    if (same) {
+      p = &q;
+    } else if ((q.mask & bit) && (mask & q.arrived)) {
+      kernel_fault("lanes of one warp at different collectives: lanes " + lanes_str(q.arrived) + " wait at " +
+                   coll_name(q.kind) + " (" + where(q.site) + ", mask " + hex(q.mask) + "), lane " +
                    std::to_string(lane) + " calls " + me());
-  } else {
+    }
+  }
+  if (p == nullptr) {
     w.pend.emplace_back();
     p = &w.pend.back();
     p->mask = mask;

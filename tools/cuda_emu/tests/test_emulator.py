@@ -31,8 +31,9 @@ def test_shuffle_flavours_and_votes(emu):
         seg = lane & ~7
         want = [3, lane ^ 5, lane - 2 if lane >= 2 else lane, lane + 2 if lane + 2 < 32 else lane,
                 seg + 1, lane ^ 4, lane - 3 if lane - 3 >= seg else lane, lane + 3 if lane + 3 < seg + 8 else lane,
-                sum(1 << i for i in range(0, 16, 3)), 1, 0, 32]
-        assert out[lane].tolist() == [float(w) for w in want], lane
+                sum(1 << i for i in range(0, 16, 3)), 1, 0]
+        assert out[lane, :11].tolist() == [float(w) for w in want], lane
+        assert 1 <= out[lane, 11].item() <= 32  # __activemask: the lanes not exited yet, schedule-dependent
 
 
 def test_disjoint_masks_and_block_votes(emu):
@@ -51,8 +52,7 @@ def test_atomics(emu, order):
 
 
 def test_shared_memory_starts_as_nan(emu):
-    assert torch.isnan(run(emu, "uninit_shared")).all()
-    assert not torch.isnan(run(emu, "uninit_shared", nan_fill=False)).any()
+    assert torch.isnan(run(emu, "uninit_shared")).all()  # static and dynamic
 
 
 def test_a_missing_barrier_depends_on_the_order(emu):
@@ -99,13 +99,13 @@ def test_launch_validation(emu, case, error, detail):
 
 
 def test_unchecked_launch_error_is_raised_at_the_end_of_the_op(emu):
-    with pytest.raises(RuntimeError, match="nothing checked it.*4096 threads"):
+    with pytest.raises(RuntimeError, match="nothing checked it.*block .4096, 1, 1. exceeds"):
         run(emu, "unchecked")
 
 
 def test_dynamic_shared_memory_after_opt_in(emu):
     out = run(emu, "smem_optin")
-    assert out[0].item() == sum(range(25 * 1024))
+    assert out[0].item() == sum(i % 7 for i in range(25 * 1024))
 
 
 def test_stats_and_kernel_names(emu):

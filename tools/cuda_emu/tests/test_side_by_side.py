@@ -43,9 +43,10 @@ def grads(fn, inputs, cot):
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("causal, packed", [(False, False), (True, False), (True, True)])
-def test_attention_lse(emu, order, dtype, causal, packed):
-    b, s, hq, hkv, d = (1, 45, 4, 2, 40) if packed else (2, 37, 4, 2, 40)
+@pytest.mark.parametrize("causal, packed, d", [(False, False, 40), (True, False, 40), (True, True, 40),
+                                               (True, False, 160)])  # D = 160 runs the DMAX = 256 tiles
+def test_attention_lse(emu, order, dtype, causal, packed, d):
+    b, s, hq, hkv = (1, 45, 4, 2) if packed else (2, 37, 4, 2)
     cu = torch.tensor([0, 9, 9, 30, 45]) if packed else None
     q, k, v = (rand(b, s, h, d, dtype=dtype) for h in (hq, hkv, hkv))
     cot = [rand(b, s, hq, d), rand(b, hq, s)]
@@ -56,6 +57,17 @@ def test_attention_lse(emu, order, dtype, causal, packed):
     for name, a, c, r, p in zip(("out", "lse", "dq", "dk", "dv"), cpu, cuda, ref, plain):
         close(a, c, dtype if name != "lse" else torch.float32, name)
         assert_2x_rule(c, p, r, name)
+        COMPARISONS["side_by_side"] += 1
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 0, 2, 1, 16), (0, 5, 5, 2, 1, 16)], ids=["no-keys", "no-batch"])
+def test_attention_lse_empty_backward(emu, shape):
+    b, sq, sk, hq, hkv, d = shape
+    q, k, v = rand(b, sq, hq, d), rand(b, sk, hkv, d), rand(b, sk, hkv, d)
+    cot = [rand(b, sq, hq, d), rand(b, hq, sq)]
+    cpu, cuda = both(emu, "forward", lambda: grads(lambda *a: vita_ext.attention_lse(*a, causal=True), (q, k, v), cot))
+    for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), cpu, cuda):
+        assert torch.equal(a, c), name
         COMPARISONS["side_by_side"] += 1
 
 
@@ -80,11 +92,18 @@ def test_merge_attention(emu, order, dtype):
 @pytest.mark.parametrize("dtype", HALF + [torch.float64])
 def test_masked_lm_head(emu, order, dtype):
     h, w = rand(19, 24, dtype=dtype), rand(50, 24, dtype=dtype)
-    pos = torch.tensor([3, -1, 0, 3, 7])
-    cpu, cuda = both(emu, order, lambda: grads(lambda a, b: vita_ext.masked_lm_head(a, b, pos), (h, w),
-                                               [rand(5, 50)]))
+    pos, cot = torch.tensor([3, -1, 0, 3, 7]), [rand(5, 50)]
+    cpu, cuda = both(emu, order, lambda: grads(lambda a, b: vita_ext.masked_lm_head(a, b, pos), (h, w), cot))
     for name, a, c in zip(("logits", "dh", "dw"), cpu, cuda):
         close(a, c, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float64])
+def test_masked_lm_head_zero_width(emu, dtype):
+    # H = 0: the GEMM has K = 0 and the output is zero-filled (cudaMemset2DAsync in gemm.cuh)
+    h, w, pos = rand(6, 0, dtype=dtype), rand(9, 0, dtype=dtype), torch.tensor([1, 4])
+    cpu, cuda = both(emu, "forward", lambda: [vita_ext.masked_lm_head(h, w, pos)])
+    close(cpu[0], cuda[0], dtype, "logits")
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -105,12 +124,14 @@ def test_masked_linear_cross_entropy(emu, order, dtype, reduction, monkeypatch):
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("dtype", HALF + [torch.float64])
-def test_pixel_shuffle_projector(emu, order, dtype):
-    n, g, c, d1, d2 = 2, 6, 8, 12, 10
+@pytest.mark.parametrize("d1", [12, 7])  # 7: the element-wise kernels' scalar path
+def test_pixel_shuffle_projector(emu, order, dtype, d1):
+    n, g, c, d2 = 2, 6, 8, 10
     args = [rand(n, g * g, c, dtype=dtype), 1 + 0.1 * rand(4 * c, dtype=dtype), 0.1 * rand(4 * c, dtype=dtype),
             rand(d1, 4 * c, dtype=dtype) / 6, rand(d2, d1, dtype=dtype) / 4]
     b1, b2 = rand(d1, dtype=dtype), rand(d2, dtype=dtype)
     fn = lambda x, lw, lb, w1, w2: vita_ext.pixel_shuffle_projector(x, lw, lb, w1, w2, b1=b1, b2=b2)  # noqa: E731
-    cpu, cuda = both(emu, order, lambda: grads(fn, args, [rand(n, g * g // 4, d2)]))
+    cot = [rand(n, g * g // 4, d2)]
+    cpu, cuda = both(emu, order, lambda: grads(fn, args, cot))
     for name, a, cc in zip(("y", "dx", "dln_w", "dln_b", "dw1", "dw2"), cpu, cuda):
         close(a, cc, dtype, name)

@@ -140,7 +140,7 @@ __global__ void big_static_smem_kernel(float* out) {
 __global__ void dyn_smem_kernel(float* out, int n) {
   extern __shared__ __align__(16) unsigned char raw[];
   float* f = reinterpret_cast<float*>(raw);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) f[i] = static_cast<float>(i);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) f[i] = static_cast<float>(i % 7);
   __syncthreads();
   if (threadIdx.x == 0) {
     float s = 0.f;
@@ -205,7 +205,7 @@ at::Tensor run_case(c10::string_view name_sv, const at::Tensor& x_in) {
   else if (name == "shuffle_vs_sync") shuffle_vs_sync_kernel<<<1, 64, 0, stream>>>(o);
   else if (name == "read_outside_mask") read_outside_mask_kernel<<<1, 32, 0, stream>>>(o);
   else if (name == "empty_grid") plain_kernel<<<0, 32, 0, stream>>>(o);
-  else if (name == "too_many_threads") plain_kernel<<<1, 2048, 0, stream>>>(o);
+  else if (name == "too_many_threads") plain_kernel<<<1, dim3(32, 64), 0, stream>>>(o);
   else if (name == "grid_y") plain_kernel<<<dim3(1, 70000), 32, 0, stream>>>(o);
   else if (name == "block_z") plain_kernel<<<1, dim3(1, 1, 65), 0, stream>>>(o);
   else if (name == "launch_bounds") bounded_kernel<<<1, 128, 0, stream>>>(o);

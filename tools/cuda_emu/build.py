@@ -146,7 +146,7 @@ def link(variant: str, objs: list[Path], lib: Path) -> Path:
 
 
 def build_patched(base: Path, patched: dict[str, str], out: Path, src: Path | None = None,
-                  jobs: int | None = None) -> Path:
+                  jobs: int | None = None, variant: str = "plain") -> Path:
     """A variant of the plain build `base` in which the CUDA sources named in `patched` (file name ->
     new text) differ: only the translation units that include a patched file are compiled again (with
     base's precompiled prelude); every other object is linked from base. Used by planted.py."""
@@ -167,7 +167,7 @@ def build_patched(base: Path, patched: dict[str, str], out: Path, src: Path | No
         if not target.exists() or target.read_text() != res.text:
             target.write_text(res.text)
         changed.add(str(gen_base / src.name / name))
-    flags, _ = unit_flags("plain", gen, src, base / "pch")
+    flags, _ = unit_flags(variant, gen, src, base / "pch")
     objs, todo = [], []
     for obj in sorted((base / "obj").rglob("*.o")):
         dep = obj.with_suffix(".d")
@@ -183,7 +183,7 @@ def build_patched(base: Path, patched: dict[str, str], out: Path, src: Path | No
     failed = [msg for _, t, msg in results if t < 0]
     if failed:
         raise RuntimeError("cuda_emu patched build failed:\n" + "\n".join(failed))
-    return link("plain", objs + [o for o, _, _ in results], out / LIB_NAME)
+    return link(variant, objs + [o for o, _, _ in results], out / LIB_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:

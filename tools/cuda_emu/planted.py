@@ -68,16 +68,17 @@ def planted_sources(bug: Bug, src: Path) -> dict[str, str]:
     return {bug.file: new}
 
 
-def run_scenario(lib: Path, scenario: str, gcov_dir: Path) -> dict:
+def run_scenario(lib: Path, scenario: str, gcov_dir: Path, extra_env: dict | None = None) -> dict:
     """Runs planted_check.py in a fresh process; returns its per-order results (or the crash)."""
-    env = dict(os.environ, VITA_EXT_CUDA_EMU=str(lib), GCOV_PREFIX=str(gcov_dir), GCOV_PREFIX_STRIP="0")
+    env = dict(os.environ, VITA_EXT_CUDA_EMU=str(lib), GCOV_PREFIX=str(gcov_dir), GCOV_PREFIX_STRIP="0",
+               **(extra_env or {}))
     proc = subprocess.run([sys.executable, str(HERE / "planted_check.py"), scenario], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=600)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
-    tail = (proc.stdout + proc.stderr)[-1500:]
-    sanitizer = re.search(r"runtime error: [^\n]*|AddressSanitizer: [^\n]*", tail)
-    return {"crash": sanitizer.group(0) if sanitizer else f"exit {proc.returncode}: {tail[-400:]}"}
+    text = proc.stdout + proc.stderr
+    sanitizer = re.search(r"runtime error: [^\n]*|ERROR: AddressSanitizer: [^\n]*", text)
+    return {"crash": sanitizer.group(0) if sanitizer else f"exit {proc.returncode}: {text[-400:]}"}
 
 
 def verdict(res: dict) -> tuple[bool, str]:
@@ -96,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", type=Path, default=ROOT / "build" / "cuda_emu" / "plain")
     ap.add_argument("--src", type=Path, default=ROOT / "csrc" / "cuda")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--variant", choices=sorted(emu_build.VARIANTS), default="plain",
+                    help="the build --build holds (asan: run the scenarios with the ASan runtime preloaded)")
     args = ap.parse_args(argv)
     base, src = args.build.resolve(), args.src.resolve()
+    import run as emu_run
+
+    extra_env = emu_run.sanitizer_env(args.variant)
     lib = base / emu_build.LIB_NAME
     gcov_dir = base / "planted" / "gcov"  # keeps the plain build's coverage counters clean
     bugs = [b for b in BUGS if not args.only or b.name in args.only]
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = sorted({b.scenario for b in bugs})
     controls_ok = 0
     for scenario in scenarios:
-        failed, how = verdict(run_scenario(lib, scenario, gcov_dir))
+        failed, how = verdict(run_scenario(lib, scenario, gcov_dir, extra_env))
         print(f"control   {scenario:36s} {'FAILS WITHOUT A BUG: ' + how if failed else 'passes'}", flush=True)
         controls_ok += not failed
     caught_n = 0
@@ -116,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"planted   {bug.name:36s} NOT APPLIED: {exc}", flush=True)
             continue
         t1 = time.monotonic()
-        variant = emu_build.build_patched(base, patched, base / "planted" / f"bug{i}", src)
-        caught, how = verdict(run_scenario(variant, bug.scenario, gcov_dir))
+        variant = emu_build.build_patched(base, patched, base / "planted" / f"bug{i}", src, variant=args.variant)
+        caught, how = verdict(run_scenario(variant, bug.scenario, gcov_dir, extra_env))
         print(f"planted   {bug.name:36s} {'caught' if caught else 'MISSED'} ({time.monotonic() - t1:.0f} s): {how}",
               flush=True)
         caught_n += caught

@@ -33,9 +33,13 @@ STEPS = ("build", "ops", "emulator", "planted", "coverage")
 def sanitizer_env(variant: str) -> dict:
     if variant != "asan":
         return {"UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    def lib(name):
+        return subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+
     return {
-        "LD_PRELOAD": libasan,  # the interpreter is not instrumented: the runtime must come first
+        # The interpreter is not instrumented, so the ASan runtime must come first; libstdc++ right after
+        # it, or ASan's __cxa_throw interceptor finds no real __cxa_throw (C++ exceptions then abort).
+        "LD_PRELOAD": f"{lib('libasan.so')} {lib('libstdc++.so')}",
         "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0:"
                         "detect_odr_violation=0:allocator_may_return_null=1",
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",

@@ -51,13 +51,18 @@ def main(argv=None) -> int:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--images", default="16,64,256", help="images per prompt (quick: 4)")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's). With the model this small, a loaded machine makes "
+                        "multi-threaded runs measure OpenMP barrier waits, not kernels: say which in RESULTS.md")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.dtype = "fp32"
     b = Bench(OP, args)
     backends = [n for n in ("vita", "flash") if b.wants(n)]
     model, processor, _, label = default_model()
     model = model.to(b.device)
-    b.note(f"model: {label}")
+    b.note(f"model: {label}; torch threads {torch.get_num_threads()}")
     saved = os.environ.get(attention_dispatch.ENV_VAR)
     try:
         with tempfile.TemporaryDirectory() as folder:

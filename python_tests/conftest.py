@@ -23,6 +23,9 @@ if _EMU_LIB:
     import selection as _emu_selection
 
     _emu.load(_EMU_LIB)
+    # attention_lse would serve CPU tensors with PyTorch's flash kernels; the emulation is there to run
+    # vita_ext's own CUDA kernels, so every attention call without an explicit backend goes to them.
+    os.environ["VITA_EXT_ATTENTION_BACKEND"] = "vita"
     _COMPARISONS = {"assert_2x_rule": 0, "assert_close": 0}
 
     def _counted(name, fn):
@@ -61,6 +64,11 @@ if _EMU_LIB:
 
             with open(report, "w") as f:
                 json.dump({"comparisons": dict(_COMPARISONS), "stats": st}, f, indent=1)
+
+
+def emulating() -> bool:
+    """Whether this run serves the "cuda" tests with the emulated CUDA kernels (tools/cuda_emu)."""
+    return _emu is not None
 
 
 def cuda_ok() -> bool:

@@ -11,6 +11,10 @@ from _utils import assert_2x_rule, max_err, rand
 
 @pytest.fixture(params=["vita", "flash", "flash_attn"])
 def backend(request, device):
+    from conftest import emulating
+
+    if emulating() and request.param != "vita":
+        pytest.skip("CUDA emulation runs vita_ext's own CUDA kernels (the vita backend) only")
     reason = why_not(request.param, AttentionCall(device.type, torch.bfloat16, 16, False))
     if reason is not None:
         pytest.skip(f"backend {request.param} on {device.type}: {reason}")

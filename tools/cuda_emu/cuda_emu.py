@@ -49,14 +49,30 @@ def load(path: str | os.PathLike | None = None) -> Path:
     return lib
 
 
+_ATTENTION_ENV = "VITA_EXT_ATTENTION_BACKEND"
+_saved_backend: list = []
+
+
 def enable(order: str = "forward", seed: int = 0, nan_fill: bool = True, namespace: str = "",
            stack_kb: int = 256) -> None:
-    """Serve the ops' CPU dispatch key with the emulated CUDA kernels (of `namespace`, default their own)."""
+    """Serve the ops' CPU dispatch key with the emulated CUDA kernels (of `namespace`, default their own).
+
+    While serving, attention_lse calls without an explicit backend run the vita kernels (the ones emulated
+    here): left to choose, it would serve CPU tensors with PyTorch's flash kernels instead."""
     torch.ops.cuda_emu.enable(namespace, order, seed, nan_fill, stack_kb)
+    if not _saved_backend:
+        _saved_backend.append(os.environ.get(_ATTENTION_ENV))
+    os.environ[_ATTENTION_ENV] = "vita"
 
 
 def disable() -> None:
     torch.ops.cuda_emu.disable()
+    if _saved_backend:
+        prev = _saved_backend.pop()
+        if prev is None:
+            os.environ.pop(_ATTENTION_ENV, None)
+        else:
+            os.environ[_ATTENTION_ENV] = prev
 
 
 @contextlib.contextmanager

@@ -26,13 +26,21 @@ TORCH_LIBRARY(vita_ext, m) {
 
   // Cross-entropy of (hidden_states @ weight^T) against labels without materialising [T, V] logits;
   // rows with label == ignore_index never reach the vocabulary GEMM. reduction: 'mean'|'sum'|'none'.
-  // Returns (loss fp32: [] or [T], lse fp64 [T], 0 at ignored rows) -- lse is kept for the backward; fp64
-  // because exp(logit - lse) in the backward scales a whole row by lse's rounding error.
+  // num_supervised: the count of labels != ignore_index when the caller knows it (then no value is read
+  // back from the device; a wrong count or label gives NaN instead of an error). grad_in_forward =
+  // [dH, dW]: also form those gradients of the loss (for a unit upstream gradient) in this pass
+  // ('mean'/'sum' only); the backward then only scales them.
+  // Returns (loss fp32: [] or [T], lse fp64 [T] with 0 at ignored rows, grad_hidden [T, H] or [0],
+  // grad_weight [V, H] or [0]) -- lse is kept for the backward; fp64 because exp(logit - lse) in the
+  // backward scales a whole row by lse's rounding error.
   m.def("masked_linear_cross_entropy(Tensor hidden_states, Tensor weight, Tensor labels, "
-        "int ignore_index, str reduction) -> (Tensor, Tensor)");
-  // Gradients w.r.t. (hidden_states, weight); grad_loss has the loss's shape. dW accumulates in fp32.
+        "int ignore_index, str reduction, int? num_supervised=None, bool[2] grad_in_forward=[False, False]) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients w.r.t. (hidden_states, weight), recomputing the logits; grad_loss has the loss's shape.
+  // output_mask says which to compute ([0]-element tensors for the others: no work, no allocation).
   m.def("masked_linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden_states, Tensor weight, "
-        "Tensor labels, Tensor lse, int ignore_index, str reduction) -> (Tensor, Tensor)");
+        "Tensor labels, Tensor lse, int ignore_index, str reduction, int? num_supervised=None, "
+        "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)");
 
   // Flash-style attention returning the log-sum-exp: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]
   // -> (out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32). Causal masks are bottom-right aligned (query i

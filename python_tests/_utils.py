@@ -90,6 +90,8 @@ HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", 
 
 def profiled(fn):
     """Run ``fn()`` under the CPU profiler, which also sees the ATen calls made inside our C++ kernels.
+    It runs with one torch thread: the profiler does not follow a kernel's own worker threads, and the
+    counts must not depend on how a kernel splits its work between threads.
 
     Returns (counts, allocations): how many times each op ran, and (op name, bytes) of the CPU memory
     each op allocated itself (not counting its children). Used to show that a kernel skips the work (GEMMs, buffers) of a gradient nobody asked
@@ -97,9 +99,14 @@ def profiled(fn):
     """
     import collections
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                record_shapes=True) as prof:
-        fn()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                    record_shapes=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     events = prof.events()
     counts = collections.Counter(e.name for e in events)
     allocations = [(e.name, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage > 0]

@@ -5,30 +5,37 @@
 // ignore_index; see masked_linear_cross_entropy.h for the host-sync-free selection) and gather them
 // into h_sup [M, H]. GEMMs run through ATen (oneDNN/MKL) in the GEMM dtype of cpu/cpu_gemm.h: the
 // operand dtype (fp32; bf16 on CPUs with native bf16 dot products, rounded once like PyTorch's eager
-// matmul) or fp32. Our code is only the epilogue PyTorch does not fuse: one pass over each logits tile.
-//   forward:  vocabulary chunks [c0, c0+vc) outer (the weight chunk stays in cache), row chunks inner:
-//               tile = h_sup[rows] @ W_c^T ([mr, vc]); per row fold the tile into the running
-//               (max m, sum of exp s) and pick the target logit when its column is in the chunk;
+// matmul) or fp32. Our code is only the epilogue PyTorch does not fuse: vectorized passes over each
+// logits tile (cpu/row_kernels.cpp).
+//   forward:  one parallel region; each thread takes a block of rows through the whole vocabulary:
+//               for each vocabulary chunk [c0, c0+vc), tile = h_sup[rows] @ W_c^T ([mr, vc], its own
+//               buffer, a single-threaded GEMM); per row fold the tile into the running (max m, sum of
+//               exp s) and pick the target logit when its column is in the chunk;
 //             lse = m + log(s) (fp64), loss_i = lse_i - target_i.
-//   backward: the same loops; the tile becomes dl = g_i * (exp(tile - lse_i) - onehot) in place, then
-//             dH_sup[rows] += dl @ W_c (fp32 accumulator) and dW_c += dl^T @ h_sup[rows], each only
-//             when asked for (output_mask): a frozen weight costs no dW GEMM and no [V, H] buffer.
+//   backward: one parallel region; each thread takes whole vocabulary chunks (it owns their dW rows)
+//             through all rows: the tile becomes dl = g_i * (exp(tile - lse_i) - onehot) in place,
+//             then dH_sup[rows] += dl @ W_c (the thread's fp32 accumulator; summed over threads at the
+//             end) and dW_c (+)= dl^T @ h_sup[rows], each only when asked for (output_mask): a frozen
+//             weight costs no dW GEMM and no [V, H] buffer.
 //   grad_in_forward: row chunks outer over the whole vocabulary: tile = h_r @ W^T ([mr, V]), its lse,
 //             dl in place, dH_r = dl @ W, dW += dl^T @ h_r; the backward only scales the stored
 //             gradients by grad_loss.
+// One parallel region with per-thread GEMMs instead of many short multi-threaded ones: no barrier per
+// tile, which matters most on a busy machine.
 // Cost (FLOPs), per gradient asked for: forward 2*M*H*V; backward 2*M*H*V (logits recomputed) +
 // 2*M*H*V for dH + 2*M*H*V for dW; grad_in_forward 2*M*H*V + 2*M*H*V per gradient in the forward and
 // O(T*H + V*H) in the backward. ~M*V exp per pass over the logits.
-// Extra memory (beyond inputs and outputs), e = GEMM element size, vc = VITA_EXT_CE_VOCAB_CHUNK (default
-// 8192), mr = rows per tile within the tile budget (VITA_EXT_CE_ROW_CHUNK overrides):
-//   e*mr*vc (tile, <= 16 MB) + e*M*H (h_sup) + 4*M*H (dH accumulator) + 4*vc*H (dW chunk accumulator,
-//   several row chunks) + e*vc*H (weight chunk, when the GEMM dtype differs) + O(M) row statistics.
-//   grad_in_forward: e*mr*V (tile, <= 32 MB) + 4*V*H (dW accumulator, when M > mr) + e*V*H (the weight,
+// Extra memory (beyond inputs and outputs), e = GEMM element size, P = threads, vc = VITA_EXT_CE_VOCAB_CHUNK
+// (default <= 8192), mr = rows per tile within the tile budget (VITA_EXT_CE_ROW_CHUNK overrides):
+//   P * e*mr*vc (tiles, <= 32 MB each) + e*M*H (h_sup) + P * 4*M*H (dH accumulators) + P * 4*vc*H (dW
+//   chunk accumulators) + P * e*vc*H (weight chunks, when the GEMM dtype differs) + O(M) row statistics.
+//   grad_in_forward: e*mr*V (tile, <= 64 MB) + 4*V*H (dW accumulator, when M > mr) + e*V*H (the weight,
 //   when the GEMM dtype differs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <array>
@@ -36,6 +43,7 @@
 #include <limits>
 
 #include "cpu/cpu_gemm.h"
+#include "cpu/row_kernels.h"
 #include "masked_linear_cross_entropy.h"
 
 namespace vita_ext {
@@ -44,8 +52,8 @@ namespace {
 using mlce::Reduction;
 
 constexpr int64_t kVocabChunk = 8192;
-constexpr int64_t kTileBudgetBytes = int64_t(16) << 20;     // [mr, vc] tiles
-constexpr int64_t kFullRowBudgetBytes = int64_t(32) << 20;  // grad_in_forward's [mr, V] tiles
+constexpr int64_t kTileBudgetBytes = int64_t(32) << 20;     // [mr, vc] tiles, per thread
+constexpr int64_t kFullRowBudgetBytes = int64_t(64) << 20;  // grad_in_forward's [mr, V] tiles
 
 // Rows of a tile are independent: parallelise over rows, ~32K elements per task.
 inline int64_t row_grain(int64_t vc) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vc, 1)); }
@@ -57,24 +65,21 @@ inline acc_t nan_max(acc_t a, acc_t b) {
 }
 
 // Folds the tile's columns [c0, c0 + vc) into the running (max, sum of exp) of each row; target gets
-// the logit of the row's label when it falls in the chunk.
+// the logit of the row's label when it falls in the chunk. The row pass is rows::max_sumexp.
 template <typename tile_t, typename acc_t>
 void online_lse_update(const at::Tensor& tile, const int64_t* labels, int64_t c0, acc_t* run_max, acc_t* run_sum,
                        acc_t* target) {
   const int64_t mr = tile.size(0), vc = tile.size(1);
   const tile_t* t = tile.data_ptr<tile_t>();
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, mr, row_grain(vc), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const tile_t* row = t + i * vc;
-      acc_t cmax = kNegInf;
-      for (int64_t j = 0; j < vc; ++j) cmax = nan_max(cmax, static_cast<acc_t>(row[j]));
       const int64_t col = labels[i] - c0;
       if (col >= 0 && col < vc) target[i] = static_cast<acc_t>(row[col]);
-      if (cmax == kNegInf) continue;  // every logit -inf: adds nothing (exp(-inf - -inf) would be NaN)
-      // A long sequential sum: accumulate in fp64 so it stays as accurate as a pairwise one.
-      double csum = 0;
-      for (int64_t j = 0; j < vc; ++j) csum += static_cast<double>(std::exp(static_cast<acc_t>(row[j]) - cmax));
+      acc_t cmax;
+      double csum;
+      rows::max_sumexp(row, vc, cmax, csum);
+      if (cmax == -std::numeric_limits<acc_t>::infinity()) continue;  // every logit -inf: adds nothing
       const acc_t m_old = run_max[i];
       const acc_t m_new = nan_max(m_old, cmax);
       run_sum[i] = static_cast<acc_t>(run_sum[i] * std::exp(m_old - m_new) + csum * std::exp(cmax - m_new));
@@ -83,24 +88,13 @@ void online_lse_update(const at::Tensor& tile, const int64_t* labels, int64_t c0
   });
 }
 
-// tile <- g_i * (exp(tile - lse_i) - onehot), in place, rounded to tile_t. tile - lse_i is formed in
-// fp64 (lse is fp64) and then rounded, so the exponent is accurate to its own ulp.
+// tile <- g_i * (exp(tile - lse_i) - onehot), in place, rounded to tile_t (rows::softmax_grad).
 template <typename tile_t, typename acc_t>
 void softmax_grad_inplace(at::Tensor& tile, const int64_t* labels, int64_t c0, const double* lse, const acc_t* g) {
   const int64_t mr = tile.size(0), vc = tile.size(1);
   tile_t* t = tile.data_ptr<tile_t>();
   at::parallel_for(0, mr, row_grain(vc), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      tile_t* row = t + i * vc;
-      const double l = lse[i];
-      const acc_t gi = g[i];
-      const int64_t col = labels[i] - c0;
-      for (int64_t j = 0; j < vc; ++j) {
-        const acc_t z = static_cast<acc_t>(static_cast<double>(static_cast<acc_t>(row[j])) - l);
-        const acc_t p = std::exp(z) - (j == col ? acc_t(1) : acc_t(0));
-        row[j] = static_cast<tile_t>(gi * p);
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) rows::softmax_grad(t + i * vc, vc, lse[i], g[i], labels[i] - c0);
   });
 }
 
@@ -115,27 +109,42 @@ struct Stats {
         target(at::full({M}, std::numeric_limits<double>::quiet_NaN(), acc_opts)) {}
 };
 
-// h: [M, H] in the GEMM dtype (tile_t); weight [V, H] in the operand dtype.
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Vocabulary chunk: VITA_EXT_CE_VOCAB_CHUNK, or <= kVocabChunk columns in a multiple of `parts` chunks
+// (the backward hands whole chunks to threads).
+int64_t vocab_chunk_for(int64_t V, int64_t parts) {
+  const int64_t rounds = ceil_div(V, parts * kVocabChunk);
+  return mlce::vocab_chunk(V, std::max<int64_t>(1, ceil_div(V, parts * rounds)));
+}
+
+// h: [M, H] in the GEMM dtype (tile_t); weight [V, H] in the operand dtype. One parallel region: each
+// thread takes a block of rows through the whole vocabulary with its own tile and single-threaded
+// GEMMs (no synchronisation between the tiles; each thread owns its rows' statistics).
 template <typename tile_t>
 void forward_chunks(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& labels, Stats& st) {
   using acc_t = at::opmath_type<tile_t>;
   const int64_t M = h.size(0), V = weight.size(0);
   const auto gd = h.scalar_type();
+  const int64_t threads = at::get_num_threads();
   const int64_t vchunk = mlce::vocab_chunk(V, kVocabChunk);
-  const int64_t rchunk = mlce::row_chunk(M, vchunk, h.element_size(), kTileBudgetBytes);
-  auto buf = at::empty({rchunk * vchunk}, h.options());
+  const int64_t rchunk = mlce::row_chunk(ceil_div(M, threads), vchunk, h.element_size(), kTileBudgetBytes);
   const int64_t* lab = labels.data_ptr<int64_t>();
-  for (int64_t c0 = 0; c0 < V; c0 += vchunk) {
-    const int64_t vc = std::min(vchunk, V - c0);
-    const auto w = in_dtype(weight.narrow(0, c0, vc), gd);
-    for (int64_t r0 = 0; r0 < M; r0 += rchunk) {
-      const int64_t mr = std::min(rchunk, M - r0);
-      auto tile = buf.narrow(0, 0, mr * vc).view({mr, vc});
-      at::mm_out(tile, h.narrow(0, r0, mr), w.t());
-      online_lse_update<tile_t, acc_t>(tile, lab + r0, c0, st.run_max.data_ptr<acc_t>() + r0,
-                                       st.run_sum.data_ptr<acc_t>() + r0, st.target.data_ptr<acc_t>() + r0);
+  at::parallel_for(0, M, ceil_div(M, threads), [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: the caller's TLS is not theirs
+    auto buf = at::empty({std::min(rchunk, end - begin) * vchunk}, h.options());
+    for (int64_t c0 = 0; c0 < V; c0 += vchunk) {
+      const int64_t vc = std::min(vchunk, V - c0);
+      const auto w = in_dtype(weight.narrow(0, c0, vc), gd);
+      for (int64_t r0 = begin; r0 < end; r0 += rchunk) {
+        const int64_t mr = std::min(rchunk, end - r0);
+        auto tile = buf.narrow(0, 0, mr * vc).view({mr, vc});
+        at::mm_out(tile, h.narrow(0, r0, mr), w.t());
+        online_lse_update<tile_t, acc_t>(tile, lab + r0, c0, st.run_max.data_ptr<acc_t>() + r0,
+                                         st.run_sum.data_ptr<acc_t>() + r0, st.target.data_ptr<acc_t>() + r0);
+      }
     }
-  }
+  });
 }
 
 // acc (fp32/fp64) += a @ b. Product, then add: for small row counts CPU addmm_ takes a path that
@@ -159,7 +168,9 @@ struct Grads {
   at::Tensor dw;  // [V, H] in the weight's dtype (undefined when not asked for)
 };
 
-// Backward with recomputed logits: vocabulary chunks outer, row chunks inner.
+// Backward with recomputed logits. One parallel region: each thread takes whole vocabulary chunks
+// (so it owns their dW rows) through all rows, with its own tile, single-threaded GEMMs and its own
+// fp32 dH accumulator; the accumulators are summed in thread order at the end.
 template <typename tile_t>
 Grads backward_chunks(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
                       const at::Tensor& g, bool need_dh, bool need_dw) {
@@ -167,40 +178,47 @@ Grads backward_chunks(const at::Tensor& h, const at::Tensor& weight, const at::T
   const int64_t M = h.size(0), V = weight.size(0), H = h.size(1);
   const auto gd = h.scalar_type();
   const auto acc_opts = h.options().dtype(mlce::acc_dtype(gd));
-  Grads out;
-  if (need_dh) out.dh = at::zeros({M, H}, acc_opts);
-  if (need_dw) out.dw = at::empty({V, H}, weight.options());
-  const int64_t vchunk = mlce::vocab_chunk(V, kVocabChunk);
+  const int64_t threads = at::get_num_threads();
+  const int64_t vchunk = vocab_chunk_for(V, threads);
+  const int64_t chunks = ceil_div(V, vchunk);
   const int64_t rchunk = mlce::row_chunk(M, vchunk, h.element_size(), kTileBudgetBytes);
   const bool multi = M > rchunk;
-  auto buf = at::empty({rchunk * vchunk}, h.options());
-  auto scratch = at::empty({(need_dw ? std::max(rchunk, vchunk) : rchunk) * H}, h.options());
-  auto dw_acc = need_dw ? at::empty({vchunk, H}, acc_opts) : at::Tensor();
+  Grads out;
+  auto dh_parts = need_dh ? at::zeros({threads, M, H}, acc_opts) : at::Tensor();
+  if (need_dw) out.dw = at::empty({V, H}, weight.options());
   const int64_t* lab = labels.data_ptr<int64_t>();
-  for (int64_t c0 = 0; c0 < V; c0 += vchunk) {
-    const int64_t vc = std::min(vchunk, V - c0);
-    const auto w = in_dtype(weight.narrow(0, c0, vc), gd);
-    auto dwc = need_dw ? dw_acc.narrow(0, 0, vc) : at::Tensor();
-    for (int64_t r0 = 0; r0 < M; r0 += rchunk) {
-      const int64_t mr = std::min(rchunk, M - r0);
-      const auto hr = h.narrow(0, r0, mr);
-      auto tile = buf.narrow(0, 0, mr * vc).view({mr, vc});
-      at::mm_out(tile, hr, w.t());
-      softmax_grad_inplace<tile_t, acc_t>(tile, lab + r0, c0, lse.data_ptr<double>() + r0,
-                                          g.data_ptr<acc_t>() + r0);
-      if (need_dh) {
-        auto dhr = out.dh.narrow(0, r0, mr);
-        mm_accumulate(dhr, tile, w, scratch, false);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: the caller's TLS is not theirs
+    auto buf = at::empty({rchunk * vchunk}, h.options());
+    auto scratch = at::empty({(need_dw ? std::max(rchunk, vchunk) : rchunk) * H}, h.options());
+    auto dw_acc = need_dw ? at::empty({vchunk, H}, acc_opts) : at::Tensor();
+    auto dh = need_dh ? dh_parts.select(0, at::get_thread_num()) : at::Tensor();
+    for (int64_t ci = begin; ci < end; ++ci) {
+      const int64_t c0 = ci * vchunk, vc = std::min(vchunk, V - c0);
+      const auto w = in_dtype(weight.narrow(0, c0, vc), gd);
+      auto dwc = need_dw ? dw_acc.narrow(0, 0, vc) : at::Tensor();
+      for (int64_t r0 = 0; r0 < M; r0 += rchunk) {
+        const int64_t mr = std::min(rchunk, M - r0);
+        const auto hr = h.narrow(0, r0, mr);
+        auto tile = buf.narrow(0, 0, mr * vc).view({mr, vc});
+        at::mm_out(tile, hr, w.t());
+        softmax_grad_inplace<tile_t, acc_t>(tile, lab + r0, c0, lse.data_ptr<double>() + r0,
+                                            g.data_ptr<acc_t>() + r0);
+        if (need_dh) {
+          auto dhr = dh.narrow(0, r0, mr);
+          mm_accumulate(dhr, tile, w, scratch, false);
+        }
+        if (need_dw && !multi && gd == weight.scalar_type()) {
+          auto dst = out.dw.narrow(0, c0, vc);
+          at::mm_out(dst, tile.t(), hr);  // one product per chunk: rounded once, straight into dW
+        } else if (need_dw) {
+          mm_accumulate(dwc, tile.t(), hr, scratch, r0 == 0);
+        }
       }
-      if (need_dw && !multi && gd == weight.scalar_type()) {
-        auto dst = out.dw.narrow(0, c0, vc);
-        at::mm_out(dst, tile.t(), hr);  // one product per chunk: rounded once, straight into dW
-      } else if (need_dw) {
-        mm_accumulate(dwc, tile.t(), hr, scratch, r0 == 0);
-      }
+      if (need_dw && (multi || gd != weight.scalar_type())) out.dw.narrow(0, c0, vc).copy_(dwc);
     }
-    if (need_dw && (multi || gd != weight.scalar_type())) out.dw.narrow(0, c0, vc).copy_(dwc);
-  }
+  });
+  if (need_dh) out.dh = threads == 1 ? dh_parts.select(0, 0) : dh_parts.sum(0);
   return out;
 }
 

@@ -13,12 +13,20 @@
 TORCH_LIBRARY(vita_ext, m) {
   // Pixel shuffle (scale 0.5, InternVL v2 order) + LayerNorm(4C) + Linear + exact GELU + Linear:
   // x [N, L, C] (L = g*g patches, g even) -> y [N, L/4, D2]; b1 and b2 are optional biases.
+  // save_activations: also return what the backward needs, so it recomputes nothing (M = N*L/4 rows):
+  // xn [M, 4C] (LayerNorm output), h [M, D1] (pre-activation, b1 included), g [M, D1] (GELU output),
+  // all in x's dtype, and stats [2, M] (LayerNorm mean and rstd, fp32; fp64 for fp64); [0]-element
+  // tensors otherwise.
   m.def("pixel_shuffle_projector(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor w1, Tensor? b1, "
-        "Tensor w2, Tensor? b2, float eps) -> Tensor");
-  // Gradients of pixel_shuffle_projector w.r.t. (x, ln_weight, ln_bias, w1, b1, w2, b2); recomputes
-  // the LayerNorm and the first GEMM. db1/db2 are returned even when the forward had no bias.
+        "Tensor w2, Tensor? b2, float eps, bool save_activations=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of pixel_shuffle_projector w.r.t. (x, ln_weight, ln_bias, w1, b1, w2, b2), from the saved
+  // activations (xn, h, g, stats: all four or none) or recomputing the LayerNorm, the first GEMM and the
+  // GELU. output_mask says which to compute: the others are [0]-element tensors, and no work is done
+  // for them (no dx and no LayerNorm backward for a frozen ViT). db1/db2 are computed when asked for
+  // even when the forward had no bias.
   m.def("pixel_shuffle_projector_backward(Tensor grad_y, Tensor x, Tensor ln_weight, Tensor ln_bias, "
-        "Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float eps) "
+        "Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float eps, Tensor? xn=None, Tensor? h=None, "
+        "Tensor? g=None, Tensor? stats=None, bool[7] output_mask=[True, True, True, True, True, True, True]) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Logits for selected rows only: hidden_states [T, H], weight [V, H], positions [K] int64 -> [K, V].

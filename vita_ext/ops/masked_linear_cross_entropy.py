@@ -109,6 +109,7 @@ def _setup_context(ctx, inputs, output):
     hidden_states, weight, labels, ignore_index, reduction, num_supervised, grad_in_forward = inputs
     _, lse, grad_hidden, grad_weight = output
     ctx.mark_non_differentiable(lse, grad_hidden, grad_weight)
+    ctx.set_materialize_grads(False)  # no zero tensors for the grads of the extra outputs
     ctx.save_for_backward(hidden_states, weight, labels, lse, grad_hidden, grad_weight)
     ctx.ignore_index, ctx.reduction, ctx.num_supervised = ignore_index, reduction, num_supervised
     ctx.formed = tuple(bool(f) for f in grad_in_forward)

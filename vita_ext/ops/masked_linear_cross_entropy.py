@@ -116,6 +116,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_grad_hidden, grad_grad_weight):
+    if grad_loss is None:  # the loss got no gradient (grads are not materialized as zeros)
+        return (None,) * 7
     hidden_states, weight, labels, lse, formed_hidden, formed_weight = ctx.saved_tensors
     want = ctx.needs_input_grad[:2]
     # Gradients formed in the forward pass, scaled by the upstream gradient (out of place: mutating a

@@ -85,6 +85,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, *_):
+    if grad_y is None:  # y got no gradient (grads are not materialized as zeros)
+        return (None,) * 9
     x, ln_weight, ln_bias, w1, b1, w2, b2, xn, h, g, stats = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2], need[3], need[4] and b1 is not None, need[5], need[6] and b2 is not None]

@@ -175,6 +175,7 @@ def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, conte
     logits = model.head(hidden[0], torch.tensor([hidden.shape[1] - 1], device=device))[0]
     t2 = _sync(device)
     seen = input_ids[0].clone()
+    first_row = torch.zeros(1, dtype=torch.long, device=device)  # made once: no host-to-device copy per step
     new: list[int] = []
     stopped = False
     while len(new) < cfg.max_new_tokens:
@@ -191,7 +192,7 @@ def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, conte
         seen = torch.cat([seen, token_t[0]])
         hidden = model.decode(model.model.embed_tokens(token_t), torch.tensor([[cache.length]], device=device),
                               attention)
-        logits = model.head(hidden[0], torch.tensor([0], device=device))[0]
+        logits = model.head(hidden[0], first_row)[0]
     t3 = _sync(device)
     return GenerateOutput(sequences=torch.tensor([new], dtype=torch.long), prompt_tokens=s, vision_seconds=t1 - t0,
                           prefill_seconds=t2 - t1, decode_seconds=t3 - t2, peak_memory_bytes=peak_memory(device),

@@ -178,6 +178,23 @@ VITA_INLINE void layernorm_backward_impl(const x_t* const* runs, int parts, int6
   }
 }
 
+// ------------------------------------------------------------------------------------- GEMV
+
+template <typename T>
+VITA_INLINE void dot_rows_impl(const T* W, int64_t ldw, int64_t V, int64_t H, const float* x, int64_t K, float* out,
+                               int64_t ldo) {
+  for (int64_t v = 0; v < V; ++v) {
+    const T* w = W + v * ldw;
+    for (int64_t k = 0; k < K; ++k) {  // the weight row stays in L1 across the K rows
+      const float* xk = x + k * H;
+      float acc = 0.0f;
+      VITA_SIMD_SUM(acc)
+      for (int64_t h = 0; h < H; ++h) acc += xk[h] * to_f(w[h]);
+      out[k * ldo + v] = acc;
+    }
+  }
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------- exported wrappers
@@ -267,6 +284,19 @@ void layernorm_backward(const double* const* runs, int parts, int64_t run, const
                         double mean, double rstd, double* scratch, double* const* dx_runs, double* sum_w,
                         double* sum_b) {
   layernorm_backward_impl(runs, parts, run, dxn, w, mean, rstd, scratch, dx_runs, sum_w, sum_b);
+}
+
+VITA_CLONES void dot_rows(const float* W, int64_t ldw, int64_t V, int64_t H, const float* x, int64_t K, float* out,
+                          int64_t ldo) {
+  dot_rows_impl(W, ldw, V, H, x, K, out, ldo);
+}
+VITA_CLONES void dot_rows(const c10::BFloat16* W, int64_t ldw, int64_t V, int64_t H, const float* x, int64_t K,
+                          float* out, int64_t ldo) {
+  dot_rows_impl(W, ldw, V, H, x, K, out, ldo);
+}
+VITA_CLONES void dot_rows(const c10::Half* W, int64_t ldw, int64_t V, int64_t H, const float* x, int64_t K,
+                          float* out, int64_t ldo) {
+  dot_rows_impl(W, ldw, V, H, x, K, out, ldo);
 }
 
 }  // namespace rows

@@ -69,5 +69,14 @@ void layernorm_backward(const double* const* runs, int parts, int64_t run, const
                         double mean, double rstd, double* scratch, double* const* dx_runs, double* sum_w,
                         double* sum_b);
 
+// LM head for a few rows (decode): out[k * ldo + v] = sum_h x[k * H + h] * W[v * ldw + h] for v in
+// [0, V), k in [0, K), fp32 products and sums (x is fp32). Each weight row is read once for all K rows:
+// the op is bound by reading W, which a bf16/fp16 GEMV through oneDNN/MKL reads far slower.
+void dot_rows(const float* W, int64_t ldw, int64_t V, int64_t H, const float* x, int64_t K, float* out, int64_t ldo);
+void dot_rows(const c10::BFloat16* W, int64_t ldw, int64_t V, int64_t H, const float* x, int64_t K, float* out,
+              int64_t ldo);
+void dot_rows(const c10::Half* W, int64_t ldw, int64_t V, int64_t H, const float* x, int64_t K, float* out,
+              int64_t ldo);
+
 }  // namespace rows
 }  // namespace vita_ext

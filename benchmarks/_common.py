@@ -30,6 +30,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Providers whose failure (a peer's bug, an inductor crash) is noted and skipped instead of aborting the run.
 TOLERANT_PREFIXES = ("compile", "liger", "sdpa_cudnn")
 MIN_REPS = 5
+GROUP_SECONDS = 6.0  # CPU time_group: rounds of a cheap measurement fill about this long
+MAX_ROUNDS = 200
 
 
 def parser(description: str):
@@ -261,7 +263,8 @@ class Bench:
         """Time several providers of one measurement and record each one's rows plus speedup rows.
 
         On the CPU (a shared machine whose load changes from second to second) the providers run
-        interleaved, one call each per round in rotating order, so all of them see the same load; each
+        interleaved, one call each per round in rotating order (--reps rounds, more for a cheap
+        measurement: about GROUP_SECONDS, at most MAX_ROUNDS), so all of them see the same load; each
         provider in ``ours`` gets ``speedup_vs_<other>`` = the median over rounds of other's time / its
         time in the same round (a paired ratio, within one run). On CUDA each provider is timed in turn
         with CUDA events (``time``) and the speedups are ratios of the medians.
@@ -281,8 +284,15 @@ class Bench:
             if self._guard(name, f"{mode} {x}", lambda: [fn(*inputs[i % len(inputs)]) for i in range(2)]) is not None:
                 ok[name] = fn
         names = list(ok)
+        # At least --reps rounds; cheap measurements get more (about GROUP_SECONDS of rounds, at most
+        # MAX_ROUNDS): on a busy machine a few rounds of a millisecond op are mostly scheduler noise.
+        t0 = time.perf_counter()
+        for name in names:
+            ok[name](*inputs[0])
+        one_round = time.perf_counter() - t0
+        rounds = self.reps if self.args.quick else max(self.reps, min(MAX_ROUNDS, int(GROUP_SECONDS / max(one_round, 1e-6))))
         samples: dict[str, list[float]] = {k: [] for k in names}
-        for r in range(self.reps):
+        for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 t0 = time.perf_counter()

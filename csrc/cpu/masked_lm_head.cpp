@@ -27,6 +27,7 @@ namespace {
 
 constexpr int64_t kVocabChunk = 4096;
 constexpr int64_t kDotRows = 4;
+constexpr int64_t kSerialBytes = int64_t(32) << 20;
 
 template <typename T>
 void dot_head(const at::Tensor& rows, const at::Tensor& weight, at::Tensor& out) {
@@ -37,7 +38,10 @@ void dot_head(const at::Tensor& rows, const at::Tensor& weight, at::Tensor& out)
   const int64_t ldw = weight.stride(0);
   float* o = out32.data_ptr<float>();
   const float* x = x32.data_ptr<float>();
-  at::parallel_for(0, V, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)), [&](int64_t begin, int64_t end) {
+  // Threads only for a weight of more than kSerialBytes: below it one core streams the weight in about a
+  // millisecond, and a parallel region on a busy machine can wait longer than that for its second thread.
+  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(H * weight.element_size(), 1));
+  at::parallel_for(0, V, grain, [&](int64_t begin, int64_t end) {
     rows::dot_rows(w + begin * ldw, ldw, end - begin, H, x, K, o + begin, V);
   });
   if (!out32.is_same(out)) out.copy_(out32);

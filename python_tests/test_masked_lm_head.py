@@ -183,7 +183,7 @@ def test_fake_cuda_tensors_no_data_dependence():
         h = torch.empty(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = torch.empty(V, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         out = vita_ext.masked_lm_head(h, w, torch.zeros(1, dtype=torch.long, device="cuda"))
-        gh, gw = torch.autograd.grad(out.sum(), (h, w))
+        gh, gw = out.grad_fn.apply(torch.ones_like(out))[:2]  # the engine wants a real CUDA device
         assert out.shape == (1, V) and gh.shape == (T, H) and gw.shape == (V, H)
 
 

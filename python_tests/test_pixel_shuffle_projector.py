@@ -407,8 +407,10 @@ def test_fake_cuda_tensors_no_data_dependence():
                for k, v in make_inputs(2, 4, 8, 12, 10).items()}
         for recompute in (None, False):
             y = run_op(inp, recompute=recompute)
-            grads_ = torch.autograd.grad(y.sum(), list(inp.values()))
-            assert [g.shape for g in grads_] == [v.shape for v in inp.values()]
+            # The backward node called directly (the autograd engine wants a real CUDA device).
+            g = y.grad_fn.apply(torch.ones_like(y), None, None, None, None)
+            got = dict(zip(("x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2"), g))
+            assert all(got[k].shape == v.shape and got[k].device.type == "cuda" for k, v in inp.items())
 
 
 @pytest.mark.cuda

@@ -173,31 +173,6 @@ class Bench:
             self.row(provider, mode, "gbps", "GB/s", x, *(nbytes / (t * 1e-3) / 1e9 for t in (p80, p50, p20)))
         return p50
 
-    def time_interleaved(self, mode: str, x: str, fns: dict[str, Callable], inputs: Sequence[tuple] = ((),),
-                         flops: float | None = None) -> dict[str, float]:
-        """Time several providers in alternation (one call of each per round, the order rotating), so a
-        shared machine's load swings hit all of them alike and their ratios hold; records the same rows
-        as ``time``. Returns provider -> p50 ms."""
-        fns = {name: fn for name, fn in fns.items() if self.wants(name)}
-        inputs, names = list(inputs), list(fns)
-        for name in names:  # warm-up, and a failing provider is noted and dropped before timing
-            if self._guard(name, f"{mode} {x} warm-up", lambda n=name: (fns[n](*inputs[0]), True)[1]) is None:
-                fns.pop(name)
-        names = list(fns)
-        samples: dict[str, list[float]] = {n: [] for n in names}
-        for rep in range(self.reps):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                samples[name].append(harness.time_ms(fns[name], [inputs[rep % len(inputs)]], self.device,
-                                                     warmup=0, reps=1)[1])
-        result = {}
-        for name in names:
-            p20, p50, p80 = harness.quantiles(samples[name])
-            self.row(name, mode, "time", "ms", x, p20, p50, p80)
-            if flops:
-                self.row(name, mode, "tflops", "TFLOP/s", x, *(flops / (t * 1e-3) / 1e12 for t in (p80, p50, p20)))
-            result[name] = p50
-        return result
-
     def _time(self, fn: Callable, inputs: Sequence[tuple], what: str) -> tuple[float, float, float]:
         inputs = list(inputs)
         reps = self.reps
@@ -316,6 +291,12 @@ class Bench:
             ok[name](*inputs[0])
         one_round = time.perf_counter() - t0
         rounds = self.reps if self.args.quick else max(self.reps, min(MAX_ROUNDS, int(GROUP_SECONDS / max(one_round, 1e-6))))
+        # ... and expensive ones fewer: --max-seconds per provider for the whole group, never below MIN_REPS.
+        budget = self.args.max_seconds * len(names)
+        if not self.args.quick and rounds * one_round > budget:
+            rounds = max(MIN_REPS, int(budget / max(one_round, 1e-6)))
+            self.note(f"{mode} {x}: {one_round:.1f} s per round, {rounds} rounds to fit --max-seconds "
+                      f"{self.args.max_seconds:g} per provider")
         samples: dict[str, list[float]] = {k: [] for k in names}
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]

@@ -23,11 +23,15 @@ import harness  # noqa: E402
 from plot import latest  # noqa: E402
 
 OPS = ("pixel_shuffle_projector", "masked_lm_head", "masked_linear_cross_entropy", "attention_lse")
-VARIANTS = {"masked_linear_cross_entropy": "ours_gif", "pixel_shuffle_projector": "ours_recompute"}
-PLACEHOLDER = {"attention_lse": "no CPU rows yet: the attention rows come with issue 10 (attention backends)"}
+VARIANTS = {"masked_linear_cross_entropy": "ours_gif", "pixel_shuffle_projector": "ours_recompute",
+            "attention_lse": "ours_vita"}
+# The composition a user would write instead: eager PyTorch, except attention, where it is PyTorch's own
+# fused F.scaled_dot_product_attention (its eager composition materialises [S, S] scores).
+PEER = {"attention_lse": "sdpa"}
+PLACEHOLDER: dict[str, str] = {}
 START, END = "<!-- cpu-table:start -->", "<!-- cpu-table:end -->"
-HEADER = ("| op | shape | dtype | mode | ours ms | eager ms | compile ms | x eager | x compile | variant | "
-          "variant ms | variant x eager |")
+HEADER = ("| op | shape | dtype | mode | ours ms | eager (sdpa) ms | compile ms | x eager (sdpa) | x compile | "
+          "variant | variant ms | variant x eager (sdpa) |")
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
@@ -51,12 +55,13 @@ def table(rows: list[dict]) -> tuple[str, dict]:
         for x, mode in keys:
             shape, dtype = (x.rsplit(" ", 1) + [""])[:2]
             get = lambda p, m="time": value.get((op, p, mode, m, x))  # noqa: E731
+            peer = PEER.get(op, "eager")
             has_variant = variant is not None and get(variant) is not None
             lines.append("| " + " | ".join([
-                op, shape, dtype, mode, _fmt(get("ours")), _fmt(get("eager")), _fmt(get("compile")),
-                _fmt(get("ours", "speedup_vs_eager"), "x"), _fmt(get("ours", "speedup_vs_compile"), "x"),
+                op, shape, dtype, mode, _fmt(get("ours")), _fmt(get(peer)), _fmt(get("compile")),
+                _fmt(get("ours", f"speedup_vs_{peer}"), "x"), _fmt(get("ours", "speedup_vs_compile"), "x"),
                 variant if has_variant else "-", _fmt(get(variant)) if has_variant else "-",
-                _fmt(get(variant, "speedup_vs_eager"), "x") if has_variant else "-"]) + " |")
+                _fmt(get(variant, f"speedup_vs_{peer}"), "x") if has_variant else "-"]) + " |")
     facts = {k: sorted({r[k] for r in rows}) for k in ("device", "torch", "commit", "date")}
     return "\n".join(lines), facts
 

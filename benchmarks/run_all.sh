@@ -11,7 +11,7 @@
 #               the sizes of this 2-core machine, once per dtype in CPU_DTYPES (default "fp32 bf16"),
 #               ours side by side with eager and torch.compile (interleaved timing, paired ratios);
 #               a few minutes per op. Default set: pixel_shuffle_projector masked_lm_head
-#               masked_linear_cross_entropy (attention_lse joins when its script has CPU sizes: issue 10).
+#               masked_linear_cross_entropy attention_lse (vs SDPA: 8/2 heads, d 64 and 128, S 2K and 8K).
 #   --out       results folder (default benchmarks/out): results.csv, <NAME>.log, plots/<op>.png
 #   --timeout   wall-clock limit per script (default 540 s; a script past it is stopped, the rest run)
 #   --quick     tiny shapes (the CPU smoke run of the test suite)
@@ -44,7 +44,7 @@ while (($#)); do
 done
 ALL=(pixel_shuffle_projector masked_lm_head masked_linear_cross_entropy attention_lse merge_attention ring_attention prefill
      hf_patch)
-CPU_SET=(pixel_shuffle_projector masked_lm_head masked_linear_cross_entropy)
+CPU_SET=(pixel_shuffle_projector masked_lm_head masked_linear_cross_entropy attention_lse)
 case "$DEVICE" in
   ""|cuda|cpu) ;;
   *) echo "run_all: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;;

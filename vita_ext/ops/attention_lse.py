@@ -37,7 +37,9 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax
     Source: FlashAttention-2 (Dao, 2023) online softmax; ring attention (Liu et al., 2023).
     """
     require_kernels("attention_lse", q, k, v)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    d = q.shape[-1] if q.dim() else 0
+    # D = 0 (or a wrong rank) is refused by the kernel's argument check, which names 'q' and its shape
+    scale = (d ** -0.5 if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale)
     return torch.ops.vita_ext.attention_lse(q, k, v, bool(causal), scale, cu_seqlens)
 
 

@@ -514,7 +514,9 @@ def test_checkpoint_layout_and_atomic_save(checkpoint, data, tmp_path, monkeypat
         f.truncate(10)
     with pytest.raises(ValueError, match="corrupt"):
         validate(str(tmp_path / "checkpoint-6"))
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+    with pytest.warns(ckpt.CheckpointWarning) as skipped:  # each skipped one is said, with why
+        assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+    assert ["corrupt" in str(w.message) for w in skipped] == [True, False]
     resumed = Trainer(_train_cfg(checkpoint, data, tmp_path, max_steps=1, resume=str(tmp_path / "checkpoint-6")))
     with pytest.raises(ValueError, match="corrupt"):
         resumed.train()

@@ -40,16 +40,14 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
     return device
 
 
-def shutdown_distributed(wait: bool = True) -> None:
+def shutdown_distributed() -> None:
     """Wait for every rank, then destroy the default process group. Measured with gloo (torch 2.11
     and 2.14): when one rank destroys its group while a peer is still tearing down, the peer
     sometimes aborts ("terminate called without an active exception", SIGABRT) -- about 1 run in 7
     of an error path in test_parallel. A failed barrier means a peer is gone: nothing to wait for.
-    wait=False (after a failure that other ranks may not have seen yet) skips the barrier, which
-    they might never reach, and leaves the group to process exit."""
+    (After a failure other ranks may not have seen, do not call this: they may never reach the
+    barrier; see parallel.failure.)"""
     if not dist.is_initialized():
-        return
-    if not wait:
         return
     try:
         dist.barrier()

@@ -128,7 +128,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             local = self.loss_sum(batch)
-            (local / max(1, supervised)).backward()
+            if local.requires_grad:  # not when nothing trainable is in its graph (text only, projector stage)
+                (local / max(1, supervised)).backward()
             total += local.detach().double().cpu()
         if self.cp:  # on the model's device: NCCL reduces CUDA tensors only
             total = total.to(self.device)

@@ -121,7 +121,7 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax
     lse = torch.logsumexp(scores.to(_acc_dtype(scores.dtype)), dim=-1)
     probs = torch.softmax(scores, dim=-1)
     # a row with nothing to attend to (all -inf) gets 0, not softmax's NaN; a NaN row stays NaN
-    probs = probs.masked_fill((scores.amax(dim=-1, keepdim=True) == float("-inf")), 0.0)
+    probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     if pairwise:
         pv = torch.where(seen, probs[..., None], zero) * torch.where(seen, v.permute(0, 2, 1, 3)[:, :, None], zero)
         out = pv.sum(dim=-2).transpose(1, 2)

@@ -105,6 +105,7 @@ def test_user_errors_of_generate(model, tmp_path, capsys):
     _one_line_error([*base, "--prompt", "x", "--max-tiles", "100000"], capsys, "--max-tiles must be in [1, 4096]")
     _one_line_error([*base, "--prompt", "x", "--max-frames", "1000000000"], capsys, "--max-frames must be in [1, 262144]")
     _one_line_error([*base, "--prompt", "x", "--top-p", "nan"], capsys, "'top_p' must be in (0, 1]")
+    _one_line_error([*base, "--prompt", "x", "--seed", str(2**70)], capsys, "--seed must be in")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
     _one_line_error([*base, "--prompt-file", str(tmp_path / "latin1.txt")], capsys, "latin1.txt: not valid UTF-8")
     _one_line_error([*base, "--prompt-file", str(tmp_path / "absent.txt")], capsys, "--prompt-file", "absent.txt")

@@ -154,6 +154,8 @@ def _prepare(args, device: torch.device) -> dict:
     _positive(args.max_frames, "--max-frames", MAX_FRAMES)
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:  # what torch.Generator accepts
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     dtype = _dtype(args.dtype, device)
     model, processor, gen_cfg = _load(args, device, dtype)
     max_positions = model.config.text.max_position_embeddings

@@ -82,6 +82,7 @@ class TrainConfig:
             ("max_frames", self.max_frames is None or 1 <= self.max_frames <= MAX_FRAMES, f"in [1, {MAX_FRAMES}]"),
             ("max_tiles", self.max_tiles is None or 1 <= self.max_tiles <= MAX_TILES, f"in [1, {MAX_TILES}]"),
             ("vision_chunk_size", self.vision_chunk_size >= 1, ">= 1"),
+            ("seed", -2**40 <= self.seed <= 2**40, "in [-2**40, 2**40] (it seeds torch.Generator per epoch)"),
             ("context_parallel", not (self.context_parallel and self.packing == "reset"),
              "off with --packing reset (ring attention has no block-diagonal mask; use no-reset)"),
         ]

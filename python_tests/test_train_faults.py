@@ -202,11 +202,9 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(workdir, tmp_path):
 
 
 # ------------------------------------------------------ the fault test: kill at every step, resume
-def test_training_killed_at_every_step_resumes_exactly(workdir, tmp_path):
-    """A 3-step run (checkpoints at 2 and 3, keep_last 1, then final) SIGKILLed before every one of its
-    file-system steps -- metrics appends, every file of every save, renames, pruning, the final model
-    -- and torn in half at every metrics append and manifest; then `--resume auto` to the end. The
-    loss curve and the final weights must equal the uninterrupted run's, bit for bit."""
+def every_step_scenario(workdir, tmp_path) -> dict:
+    """The body of the test below, run in a fresh interpreter: forking a process that has already
+    run autograd (as pytest has, by then) leaves the children unable to run backward."""
     reference = tmp_path / "reference"
     fresh = Trainer(_cfg(workdir, reference))
     _, steps = run_to_kill(lambda: fresh.train(), str(reference))
@@ -230,4 +228,28 @@ def test_training_killed_at_every_step_resumes_exactly(workdir, tmp_path):
         return job
 
     in_parallel(case(k, torn) for k, torn in cases)
-    assert len(steps) >= 40 and len(cases) >= 50, (len(steps), len(cases))
+    return {"steps": steps, "cases": len(cases), "torn": sum(t for _, t in cases)}
+
+
+def test_training_killed_at_every_step_resumes_exactly(workdir, tmp_path):
+    """A 3-step run (checkpoints at 2 and 3, keep_last 1, then final) SIGKILLed before every one of its
+    file-system steps -- metrics appends, every file of every save, renames, pruning, the final model
+    -- and torn in half at every metrics append and manifest; then `--resume auto` to the end. The
+    loss curve and the final weights must equal the uninterrupted run's, bit for bit."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, __file__, str(workdir), str(tmp_path)], capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, res.stderr[-5000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    kinds = {s.split()[0] for s in summary["steps"]}
+    assert {"append", "mkdtemp", "safetensors", "replace", "write", "torch.save", "rename", "rmtree"} <= kinds
+    assert len(summary["steps"]) >= 40 and summary["cases"] >= 50, summary
+
+
+if __name__ == "__main__":  # the scenario above, in a fresh process (see every_step_scenario)
+    import pathlib
+    import sys
+
+    print(json.dumps(every_step_scenario(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))))

@@ -205,6 +205,9 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(workdir, tmp_path):
 def every_step_scenario(workdir, tmp_path) -> dict:
     """The body of the test below, run in a fresh interpreter: forking a process that has already
     run autograd (as pytest has, by then) leaves the children unable to run backward."""
+    from vita_ext.processing import LongVITATokenizer
+
+    _ = LongVITATokenizer.default()._file_texts  # parsed and serialised once, inherited by every fork
     reference = tmp_path / "reference"
     fresh = Trainer(_cfg(workdir, reference))
     _, steps = run_to_kill(lambda: fresh.train(), str(reference))

@@ -25,7 +25,9 @@
 // in a visible value reaches out through p * v; nothing reaches a row through a key it does not see,
 // and a row that sees no key gives out 0, lse -inf. The running max therefore propagates NaN, and a
 // tile that is only partly visible and holds a non-finite value (V forward; Q, dO, K backward) skips
-// BLAS, whose 0 * NaN would leak it into the rows that mask it (checked during the gather: no extra pass).
+// BLAS, whose 0 * NaN would leak it into the rows that mask it. The checks cost nothing where nothing
+// is masked: full tiles (all of decode, all but the diagonal of causal prefill) skip them, and the
+// NaN test of the scores is an integer OR beside the max (the hot loops stay as they were).
 //
 // NOTE: at::parallel_for is a header template; it runs serially unless this file is compiled with
 // -fopenmp (ATen/Parallel-inl.h falls back to one thread when _OPENMP is undefined), so setup.py must
@@ -72,20 +74,20 @@ Rows<T> rows_of(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// Copies n rows to dst in the math type; returns whether they are all finite (x * 0 is 0 exactly for
-// finite x and NaN for NaN/Inf, and keeps the loop vectorisable).
 template <typename T, typename A>
-bool gather(const Rows<const T>& src, int64_t b, int64_t s0, int64_t n, int64_t h, int64_t d, A* dst) {
-  A probe = 0;
+void gather(const Rows<const T>& src, int64_t b, int64_t s0, int64_t n, int64_t h, int64_t d, A* dst) {
   for (int64_t r = 0; r < n; ++r) {
     const T* x = src.row(b, s0 + r, h);
-    for (int64_t c = 0; c < d; ++c) {
-      const A y = static_cast<A>(x[c]);
-      dst[r * d + c] = y;
-      probe += y * A(0);
-    }
+    for (int64_t c = 0; c < d; ++c) dst[r * d + c] = static_cast<A>(x[c]);
   }
-  return probe == A(0);
+}
+
+// No NaN or Inf among n values (x - x is 0 exactly for finite x; an OR reduction vectorises).
+template <typename A>
+bool all_finite(const A* x, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(x[i] - x[i] == A(0));
+  return bad == 0;
 }
 
 // max that propagates NaN (std::max(a, NaN) returns a, which would hide a NaN score).
@@ -141,12 +143,15 @@ void softmax_prepare(const Fwd<T, A>& a, Work<A>& w, int64_t nq, int64_t j0, int
     A* s = w.s.data() + r * nk;
     const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
     A mx = kNegInf;
+    int nan_seen = 0;
     for (int64_t c = 0; c < nk; ++c) {
       A x = s[c] * a.scale;
       if (!full && (c < lo || c >= hi)) x = kNegInf;  // also drops a NaN of a key this row does not see
       s[c] = x;
-      mx = nan_max(mx, x);
+      mx = std::max(mx, x);
+      nan_seen |= (x != x);
     }
+    if (nan_seen) mx = std::numeric_limits<A>::quiet_NaN();
     const A m_new = nan_max(w.m[r], mx);  // NaN sticks: the row's out and lse become NaN
     const A sub = (m_new == kNegInf) ? A(0) : m_new;  // an all-masked row stays -inf -> exp 0
     w.alpha[r] = (w.m[r] == kNegInf) ? A(0) : std::exp(w.m[r] - m_new);
@@ -168,7 +173,7 @@ void forward_tile(const Fwd<T, A>& a, int64_t b, int64_t h, int64_t i0, Work<A>&
   for (int64_t j0 = w.lo[0]; j0 < kend; j0 += kFwdKeys) {
     const int64_t nk = std::min(kFwdKeys, kend - j0);
     gather(a.k, b, j0, nk, hk, D, w.k.data());
-    const bool v_finite = gather(a.v, b, j0, nk, hk, D, w.v.data());
+    gather(a.v, b, j0, nk, hk, D, w.v.data());
     const bool full = w.full(nq, j0, j0 + nk);
     at::Tensor S = wrap(w.s.data(), nq, nk);
     at::mm_out(S, Q, wrap(w.k.data(), nk, D).t());
@@ -184,7 +189,7 @@ void forward_tile(const Fwd<T, A>& a, int64_t b, int64_t h, int64_t i0, Work<A>&
         for (int64_t c = 0; c < D; ++c) o[c] *= w.alpha[r];
       }
     }
-    if (full || v_finite) {
+    if (full || all_finite(w.v.data(), nk * D)) {
       O.addmm_(S, wrap(w.v.data(), nk, D));
     } else {  // a NaN/Inf value row: only the rows that see it may take p * v
       for (int64_t r = 0; r < nq; ++r) {
@@ -295,10 +300,11 @@ void tile_grads(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0
     A* s = w.s.data() + r * nk;
     const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
     const bool dead = lse[r] == kNegInf;  // saw no key anywhere: zero gradient, not exp(+inf)
-    const bool inf_row = lse[r] == -kNegInf;  // a +inf score: the forward's p (softmax) was NaN
+    // lse +inf: a +inf score, whose softmax (the forward's p) was NaN; a NaN lse gives NaN by itself
+    const A sub = lse[r] == -kNegInf ? std::numeric_limits<A>::quiet_NaN() : lse[r];
     for (int64_t c = 0; c < nk; ++c) {
       const bool masked = dead || (!full && (c < lo || c >= hi));
-      s[c] = masked ? kNegInf : (inf_row ? std::numeric_limits<A>::quiet_NaN() : s[c] * a.scale - lse[r]);
+      s[c] = masked ? kNegInf : s[c] * a.scale - sub;
     }
   }
   P.exp_();
@@ -308,10 +314,12 @@ void tile_grads(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0
   for (int64_t r = 0; r < nq; ++r) {
     const A* p = w.s.data() + r * nk;
     A* ds = w.ds.data() + r * nk;
-    const bool dead = lse[r] == kNegInf;
-    for (int64_t c = 0; c < nk; ++c) {
-      const bool masked = dead || (!full && !w.sees(r, j0, c));
-      ds[c] = masked ? A(0) : p[c] * (ds[c] - delta[r]);
+    const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
+    if (full && lse[r] != kNegInf) {
+      for (int64_t c = 0; c < nk; ++c) ds[c] = p[c] * (ds[c] - delta[r]);
+    } else {  // hidden pairs get exactly 0, not 0 * NaN (a NaN value makes dO V^T NaN everywhere)
+      const bool dead = lse[r] == kNegInf;
+      for (int64_t c = 0; c < nk; ++c) ds[c] = (dead || c < lo || c >= hi) ? A(0) : p[c] * (ds[c] - delta[r]);
     }
   }
 }
@@ -334,17 +342,16 @@ void masked_product(const Work<A>& w, int64_t nq, int64_t nk, int64_t j0, int64_
 }
 
 template <typename T, typename A>
-bool load_rows(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0, int64_t nq) {
+void load_rows(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0, int64_t nq) {
   w.ranges(a.mask, i0, nq);
-  const bool q_ok = gather(a.q, b, i0, nq, h, a.D, w.q.data());
-  return gather(a.dout, b, i0, nq, h, a.D, w.dout.data()) && q_ok;
+  gather(a.q, b, i0, nq, h, a.D, w.q.data());
+  gather(a.dout, b, i0, nq, h, a.D, w.dout.data());
 }
 
 template <typename T, typename A>
-bool load_keys(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t hk, int64_t j0, int64_t nk) {
-  const bool k_ok = gather(a.k, b, j0, nk, hk, a.D, w.k.data());
+void load_keys(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t hk, int64_t j0, int64_t nk) {
+  gather(a.k, b, j0, nk, hk, a.D, w.k.data());
   gather(a.v, b, j0, nk, hk, a.D, w.v.data());  // V enters only through dO V^T, masked in tile_grads
-  return k_ok;
 }
 
 // dK, dV of keys [j0, j0 + kBwdKeys) of kv head hk, summed over the group's q heads; with_dq also adds
@@ -353,7 +360,8 @@ template <typename T, typename A>
 void dkdv_tile(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t hk, int64_t j0, bool with_dq) {
   const int64_t D = a.D, nk = std::min(kBwdKeys, a.Sk - j0), group = a.Hq / a.Hkv;
   at::Tensor K = wrap(w.k.data(), nk, D), dK = wrap(w.dk.data(), nk, D), dV = wrap(w.dv.data(), nk, D);
-  const bool k_ok = load_keys(a, w, b, hk, j0, nk);
+  load_keys(a, w, b, hk, j0, nk);
+  int k_ok = -1;  // K finite? checked once, and only if a partly visible row tile needs it
   dK.zero_();
   dV.zero_();
   int64_t first, end;
@@ -361,11 +369,12 @@ void dkdv_tile(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t hk, int64_t j0
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first; i0 < end; i0 += kBwdRows) {
       const int64_t nq = std::min(kBwdRows, end - i0);
-      const bool rows_ok = load_rows(a, w, b, h, i0, nq);
+      load_rows(a, w, b, h, i0, nq);
       const bool full = w.full(nq, j0, j0 + nk);
       tile_grads(a, w, b, h, i0, nq, j0, nk, full);
       A* dq = a.dq + ((b * a.Hq + h) * a.Sq + i0) * D;
-      if (full || (rows_ok && k_ok)) {
+      if (!full && k_ok < 0) k_ok = all_finite(w.k.data(), nk * D);
+      if (full || (k_ok && all_finite(w.q.data(), nq * D) && all_finite(w.dout.data(), nq * D))) {
         at::Tensor P = wrap(w.s.data(), nq, nk), dS = wrap(w.ds.data(), nq, nk);
         dV.addmm_(P.t(), wrap(w.dout.data(), nq, D));
         dK.addmm_(dS.t(), wrap(w.q.data(), nq, D));
@@ -397,10 +406,10 @@ void dq_tile(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0) {
   const int64_t kend = w.hi[nq - 1];
   for (int64_t j0 = w.lo[0]; j0 < kend; j0 += kBwdKeys) {
     const int64_t nk = std::min(kBwdKeys, kend - j0);
-    const bool k_ok = load_keys(a, w, b, hk, j0, nk);
+    load_keys(a, w, b, hk, j0, nk);
     const bool full = w.full(nq, j0, j0 + nk);
     tile_grads(a, w, b, h, i0, nq, j0, nk, full);
-    if (full || k_ok) {
+    if (full || all_finite(w.k.data(), nk * D)) {
       dQ.addmm_(wrap(w.ds.data(), nq, nk), wrap(w.k.data(), nk, D));
     } else {
       masked_product(w, nq, nk, j0, D, w.ds.data(), w.k.data(), dq, false);

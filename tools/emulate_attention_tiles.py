@@ -102,6 +102,9 @@ def check_coverage(trials=3000):
 
 def dmax_of(d): return 32 if d <= 32 else 64 if d <= 64 else 128 if d <= 128 else 256
 
+FAST = {"fwd": 0, "bwd": 0}  # how often the kernels' unmasked paths were taken (they must be exercised)
+
+
 def nan_max(a, b): return b if (b > a or b != b) else a  # the kernel's nan_max (max/fmax drop NaN)
 
 def exp_(x):  # CUDA's exp: inf for large x, NaN for NaN (Python's math.exp raises on overflow)
@@ -118,7 +121,7 @@ def fwd(q, k, v, causal, scale, cu):
             hk = h // (Hq // Hkv)
             for bx in range((Sq + R - 1) // R):
                 i0 = bx * R; il = min(i0 + R, Sq) - 1
-                kbeg = row_range(Sq, Sk, causal, cu, i0)[0]; kend = row_range(Sq, Sk, causal, cu, il)[1]
+                kbeg, hi_first = row_range(Sq, Sk, causal, cu, i0); lo_last, kend = row_range(Sq, Sk, causal, cu, il)
                 for t in range(R):
                     i = i0 + t; valid = i < Sq
                     lo, hi = row_range(Sq, Sk, causal, cu, i) if valid else (0, 0)
@@ -134,9 +137,13 @@ def fwd(q, k, v, causal, scale, cu):
                         if mn == -math.inf: continue
                         alpha = 0.0 if m == -math.inf else exp_(m - mn)
                         l *= alpha; o *= alpha
+                        full_tile = lo_last <= j0 and hi_first >= j0 + KT  # the kernel's unmasked path
+                        if full_tile:
+                            assert all(lo <= j0 + jj < hi for jj in range(KT)) or not valid
+                            FAST["fwd"] += 1
                         for jj in range(KT):
                             pj = exp_(s[jj] - mn); l += pj
-                            if lo <= j0 + jj < hi: o += pj * vs[jj]  # a select in the kernel, not 0 * v
+                            if full_tile or lo <= j0 + jj < hi: o += pj * vs[jj]  # else a select, not 0 * v
                         m = mn
                     if not valid: continue
                     seen = l != 0  # NaN counts as seen
@@ -172,11 +179,16 @@ def bwd(go, gl, q, k, v, out, lse, causal, scale, cu):
                                 lo_s[r], hi_s[r] = row_range(Sq, Sk, causal, cu, i)
                                 lse_s[r] = float(lse[b, h, i]); dl_s[r] = float(delta[b, h, i])
                         ds = torch.zeros(R, KB, dtype=torch.float64)
+                        all_vis = (j0 + KB <= Sk and lo_s[R - 1] <= j0 and hi_s[R - 1] >= j0 + KB and hi_s[0] >= j0 + KB
+                                   and all(x != -math.inf for x in lse_s))
+                        FAST["bwd"] += all_vis
                         for r in range(R):
                             for jl in range(KB):
                                 j = j0 + jl
                                 sp = float(ks[jl] @ qs[r]); dp = float(vs[jl] @ dos[r])
                                 vis = j < Sk and lo_s[r] <= j < hi_s[r] and lse_s[r] != -math.inf
+                                assert vis or not all_vis  # the kernel's unmasked path only where all is seen
+                                vis = vis or all_vis
                                 pr = (math.nan if lse_s[r] == math.inf else exp_(sp * scale - lse_s[r])) if vis else 0.0
                                 d_ = pr * (dp - dl_s[r]) if vis else 0.0
                                 if vis: dvr[jl] += pr * dos[r]; dkr[jl] += d_ * qs[r]
@@ -198,7 +210,8 @@ def check_values():
     random.seed(1)
     torch.manual_seed(1)
     cases = [((1, 5, 37, 2, 1, 80), True, None), ((1, 40, 9, 2, 2, 16), True, None), ((1, 35, 35, 4, 2, 8), True, [0, 5, 5, 17, 35]),
-             ((2, 3, 3, 2, 1, 200), False, None), ((1, 35, 35, 2, 1, 33), False, [0, 20, 35]), ((1, 3, 0, 2, 1, 8), True, None)]
+             ((2, 3, 3, 2, 1, 200), False, None), ((1, 35, 35, 2, 1, 33), False, [0, 20, 35]), ((1, 3, 0, 2, 1, 8), True, None),
+             ((1, 64, 70, 2, 1, 16), False, None), ((1, 96, 96, 2, 1, 16), True, None)]
     for (B, Sq, Sk, Hq, Hkv, D), causal, cu in cases:
         q = torch.randn(B, Sq, Hq, D, dtype=torch.float64); k = torch.randn(B, Sk, Hkv, D, dtype=torch.float64); v = torch.randn_like(k)
         scale = D ** -0.5
@@ -235,7 +248,7 @@ def check_non_finite():
                "v -inf": lambda q, k, v, g: v.__setitem__((0, 7, 0, 1), -inf),
                "dO nan": lambda q, k, v, g: g.__setitem__((0, 20, 1, 3), nan)}
     for name, poison in poisons.items():
-        for causal, cu in ((True, None), (False, [0, 25, 40]), (True, [0, 25, 40])):
+        for causal, cu in ((True, None), (False, [0, 25, 40]), (True, [0, 25, 40]), (False, None)):
             q = torch.randn(1, 40, 2, 8, dtype=torch.float64); k = torch.randn(1, 40, 1, 8, dtype=torch.float64)
             v = torch.randn_like(k); go = torch.randn_like(q)
             poison(q, k, v, go)
@@ -257,3 +270,5 @@ if __name__ == "__main__":
     check_coverage()
     check_values()
     check_non_finite()
+    print("unmasked fast paths taken (forward key tiles, backward row tiles):", FAST)
+    assert FAST["fwd"] > 0 and FAST["bwd"] > 0

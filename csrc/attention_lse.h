@@ -6,9 +6,21 @@
 // i + Sk - Sq + 1. Both bounds are non-decreasing in i, so a tile of rows [i0, i1) sees keys inside
 // [lo(i0), hi(i1 - 1)), and a tile of keys is seen by rows inside a range found by bisection. That is
 // how the kernels skip whole tiles without ever building an [Sq, Sk] mask.
+//
+// Non-finite inputs, as PyTorch's math attention (softmax over the visible scores, then p @ v), with
+// one deliberate difference: nothing reaches a row through a pair the mask hides.
+//  - a row that sees no key: out 0, lse -inf (also when every visible score is -inf), whatever the data;
+//  - a NaN score among the keys a row sees (NaN in q_i, in a visible k_j, inf * 0): out row NaN, lse NaN;
+//  - a +inf visible score (and no NaN): out row NaN (softmax's inf - inf), lse +inf (torch.logsumexp);
+//  - NaN/Inf in a visible value v_j reaches out_i through p_ij * v_j (NaN even where p_ij underflows to 0).
+// PyTorch's math path also multiplies the zero probabilities of masked keys by their values, so a NaN
+// value poisons rows that never see it; FlashAttention-style kernels skip masked tiles and cannot
+// match that, so the contract is the visible-pairs rule above. Backward: gradients flow only through
+// visible pairs, so NaN/Inf reach exactly the gradients that autograd of the reference reaches.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cstdint>
 #include <vector>
@@ -213,6 +225,14 @@ inline at::Tensor inner_contiguous(const at::Tensor& t) {
   return (t.size(-1) == 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// An in-place argument whose elements share memory (e.g. from expand()) would be written several times
+// with different values; refuse it like PyTorch's in-place ops do.
+inline void check_not_self_overlapping(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": argument '", name,
+              "' is updated in place and must not have elements that share memory (an expanded or "
+              "stride-0 tensor), got shape ", shape_str(t), " and strides ", t.strides(), "; pass a .clone()");
+}
+
 // merge_attention_: out [B, S, H, D] (fp32/bf16/fp16; fp64 on CPU), lse [B, H, S] fp32, both updated in
 // place and possibly strided views; block_out [B, S, H, D] any float dtype; block_lse [B, H, S] fp32.
 inline void check_merge_attention_args(const char* op, const at::Tensor& out, const at::Tensor& lse,
@@ -232,6 +252,8 @@ inline void check_merge_attention_args(const char* op, const at::Tensor& out, co
   check_shape(op, lse, "lse", lse_shape, "[B, H, S] of 'out'");
   check_shape(op, block_lse, "block_lse", lse_shape, "[B, H, S] of 'out'");
   check_inner_contiguous(op, out, "out");
+  check_not_self_overlapping(op, out, "out");
+  check_not_self_overlapping(op, lse, "lse");
 }
 
 }  // namespace attn

@@ -71,6 +71,11 @@ def emulating() -> bool:
     return _emu is not None
 
 
+def cuda_kernels(request) -> bool:
+    """Whether a test instance runs the CUDA kernels (on a GPU, or emulated on CPU tensors)."""
+    return getattr(request.node, "callspec", None) is not None and request.node.callspec.params.get("device") == "cuda"
+
+
 def cuda_ok() -> bool:
     import vita_ext
 

@@ -375,3 +375,111 @@ def test_bad_max_seqlen(device, backend):
     if device.type == "cpu":
         with pytest.raises(RuntimeError, match="argument 'cu_seqlens' must end at the sequence length 6"):
             vita_ext.attention_lse(q, k, v, causal=True, cu_seqlens=cu[:2], max_seqlen=2, backend=backend)
+
+
+# ------------------------------------------------------------------ NaN / Inf (issue 11, item 3)
+NAN, INF = float("nan"), float("inf")
+# (what is poisoned, where): rows/keys chosen to fall inside partly visible tiles of both kernels
+POISON = {
+    "q_nan": lambda q, k, v: q[0, 70, 1].__setitem__(0, NAN),
+    "k_nan": lambda q, k, v: k[0, 100, 1].__setitem__(3, NAN),
+    "v_nan": lambda q, k, v: v[0, 100, 1].__setitem__(3, NAN),
+    "v_inf": lambda q, k, v: v[0, 30, 0].__setitem__(2, INF),
+    "k_inf": lambda q, k, v: k[0, 100, 1].__setitem__(3, INF),
+    "q_neg_inf": lambda q, k, v: (q[0, 70, 0].fill_(-INF), k[0, :, 0].abs_().add_(0.1)),
+}
+
+
+def _same_non_finite(ours, ref, name):
+    for what, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        a, b = test(ours.cpu()), test(ref.cpu())
+        assert torch.equal(a, b), f"{name}: {what} at {int(a.sum())} places, the reference has {int(b.sum())}"
+
+
+def _poisoned(case, dtype, device):
+    q, k, v = _qkv((1, 150, 150, 4, 2, 16), "cpu")
+    POISON[case](q, k, v)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", ["full", "causal", "cu_seqlens"])
+@pytest.mark.parametrize("case", sorted(POISON))
+def test_non_finite_inputs_propagate(device, backend, case, mask, dtype):
+    """NaN/Inf reach exactly the outputs the float64 spec says (visible pairs only); the rest is exact. On the
+    CPU the flash backend's results are checked and a poisoned call is redone by the vita kernels."""
+    q, k, v = _poisoned(case, dtype, device)
+    cu = torch.tensor([0, 60, 150], device=device) if mask == "cu_seqlens" else None
+    out, lse = vita_ext.attention_lse(q, k, v, causal=mask != "full", cu_seqlens=cu, backend=backend)
+    ref_out, ref_lse = R.attention_lse(q.double(), k.double(), v.double(), mask != "full", None, cu)
+    _same_non_finite(out, ref_out, "out")
+    _same_non_finite(lse, ref_lse, "lse")
+    finite = torch.isfinite(ref_out)
+    assert finite.any() and not (finite.all() and torch.isfinite(ref_lse).all())  # some, not all, poisoned
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert max_err(out[finite], ref_out[finite]) < tol
+    fin_lse = torch.isfinite(ref_lse)
+    assert max_err(lse[fin_lse], ref_lse[fin_lse]) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["q_nan", "k_nan", "v_nan", "k_inf"])
+def test_non_finite_like_pytorch_sdpa(case):
+    """Without a mask the contract is exactly PyTorch's own attention (SDPA, math backend)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = _poisoned(case, torch.float64, "cpu")
+    out, lse = vita_ext.attention_lse(q, k, v)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              enable_gqa=True).transpose(1, 2)
+    _same_non_finite(out, want, "out vs SDPA")
+    ok = torch.isfinite(want)
+    assert max_err(out[ok], want[ok]) < 1e-10
+
+
+def test_nan_is_not_hidden():
+    """The reports of issue 11: a NaN in q gave out = 0, lse = -inf; one NaN key zeroed every row."""
+    q, k, v = _qkv((1, 9, 9, 2, 1, 8), "cpu", torch.float32)
+    q[0, 4, 0, 0] = NAN
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    assert torch.isnan(out[0, 4, 0]).all() and torch.isnan(lse[0, 0, 4])
+    assert torch.isfinite(out[0, :, 1]).all() and torch.isfinite(out[0, :4]).all()
+    q, k, v = _qkv((1, 9, 9, 2, 1, 8), "cpu", torch.float32)
+    k[0, 6, 0, 0] = NAN
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    assert torch.isnan(out[0, 6:]).all() and torch.isnan(lse[0, :, 6:]).all()  # the rows that see key 6
+    assert torch.isfinite(out[0, :6]).all() and torch.isfinite(lse[0, :, :6]).all()  # the rows that do not
+
+
+@pytest.mark.parametrize("mask", ["causal", "cu_seqlens"])
+@pytest.mark.parametrize("case", ["q_nan", "k_nan", "v_nan", "k_inf", "grad_nan"])
+def test_non_finite_gradients(device, case, mask):
+    """dq, dk, dv are non-finite exactly where autograd of the (pairwise) float64 spec makes them so."""
+    q, k, v = _poisoned(case if case != "grad_nan" else "q_nan", torch.float32, device)
+    if case == "grad_nan":
+        q = _poisoned("k_nan", torch.float32, device)[0]  # finite q (k_nan leaves q alone)
+    go = rand(*q.shape, device=device)
+    if case == "grad_nan":
+        go[0, 70, 1, 2] = NAN
+    cu = torch.tensor([0, 60, 150], device=device) if mask == "cu_seqlens" else None
+    grads = []
+    for fn, dt in ((vita_ext.attention_lse, torch.float32),
+                   (lambda *a, **kw: R.attention_lse(*a, pairwise=True, **kw), torch.float64)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, _ = fn(*leaves, causal=True, cu_seqlens=cu)
+        (out * go.to(dt)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, ours, ref in zip(("dq", "dk", "dv"), *grads):
+        _same_non_finite(ours, ref, name)
+        ok = torch.isfinite(ref)
+        assert max_err(ours[ok], ref[ok]) < 1e-4, name
+    assert not all(torch.isfinite(g).all() for g in grads[0])
+
+
+def test_head_dim_zero_is_a_clear_error():
+    q = torch.randn(1, 3, 2, 0)
+    with pytest.raises(RuntimeError, match=r"argument 'q' must have a head dim \(dim 3\) in \[1, 256\]"):
+        vita_ext.attention_lse(q, q, q)
+    with pytest.raises(ValueError, match="head dim"):
+        R.attention_lse(q, q, q)

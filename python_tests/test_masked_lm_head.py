@@ -5,6 +5,7 @@ import torch
 import vita_ext
 from vita_ext import reference as R
 from _utils import assert_2x_rule, host_syncs, profiled, rand
+from conftest import cuda_kernels
 
 OP = torch.ops.vita_ext.masked_lm_head.default
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -105,13 +106,13 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(OP, (hidden.requires_grad_(), weight.requires_grad_(), positions))
 
 
-def test_bad_positions(device):
+def test_bad_positions(device, request):
     # CPU: a clear error (the positions are on the host anyway). CUDA: checked on the device with no host
     # sync, so a row of NaN logits instead (the other rows exact).
     hidden, weight = _inputs(device, torch.float32)
     for bad, shown in (([0, 37], "got 37 at index 1"), ([-38, 2], "got -38 at index 0")):
         positions = torch.tensor(bad, device=device)
-        if device.type == "cpu":
+        if not cuda_kernels(request):
             with pytest.raises(RuntimeError, match=r"'positions'.*\[-T, T\) with T = 37.*" + shown):
                 vita_ext.masked_lm_head(hidden, weight, positions)
         else:
@@ -121,7 +122,7 @@ def test_bad_positions(device):
             torch.testing.assert_close(out[good], R.masked_lm_head(hidden, weight, positions[good:good + 1])[0])
 
 
-def test_bad_inputs(device):
+def test_bad_inputs(device, request):
     hidden, weight = _inputs(device, torch.float32)
     pos = torch.tensor([0, 1], device=device)
     with pytest.raises(RuntimeError, match=r"'positions'.*torch.int64.*got torch.float32"):
@@ -136,7 +137,7 @@ def test_bad_inputs(device):
         vita_ext.masked_lm_head(hidden[None], weight, pos)
     with pytest.raises(RuntimeError, match=r"'hidden_states' must have dtype"):
         vita_ext.masked_lm_head(hidden.int(), weight.int(), pos)
-    if device.type == "cpu":
+    if not cuda_kernels(request):
         with pytest.raises(RuntimeError, match=r"'positions'.*T = 0"):
             vita_ext.masked_lm_head(hidden[:0], weight, pos)
 

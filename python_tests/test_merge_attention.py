@@ -97,6 +97,37 @@ def test_neg_inf_rows(device):
     assert (o[:, 2] == 0).all() and torch.isneginf(l[0, :, 2]).all()
 
 
+@pytest.mark.parametrize("side", ["running", "block"])
+def test_non_finite_lse_propagates(device, side):
+    """As torch.logaddexp: a NaN lse (even against an empty -inf side) gives NaN; +inf gives lse +inf and
+    out NaN (attention_lse's +inf-score row); both -inf stays empty; finite rows are untouched by them."""
+    out, lse, bout, blse = _partials(1, 5, 2, 8, device)
+    poisoned, other = (lse, blse) if side == "running" else (blse, lse)
+    poisoned[0, :, 0] = float("nan")
+    poisoned[0, :, 1], other[0, :, 1] = float("nan"), NEG_INF   # used to come out as -inf: hidden
+    poisoned[0, :, 2] = float("inf")
+    poisoned[0, :, 3], other[0, :, 3] = float("inf"), float("inf")
+    want = R.merge_attention(out.double(), lse.double(), bout.double(), blse.double())
+    o, l = out.float(), lse.float()
+    vita_ext.merge_attention_(o, l, bout.float(), blse.float())
+    assert torch.isnan(l[0, :, :2]).all() and torch.isnan(o[:, :2]).all()
+    assert torch.isposinf(l[0, :, 2:4]).all() and torch.isnan(o[:, 2:4]).all()
+    for ours, ref in ((o, want[0]), (l, want[1])):
+        for test in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(test(ours), test(ref))
+    assert max_err(o[:, 4:], want[0][:, 4:]) < 1e-6 and max_err(l[..., 4:], want[1][..., 4:]) < 1e-6
+
+
+def test_self_overlapping_out_is_refused(device):
+    """An expanded out (or lse) would be written several times with different values (issue 11)."""
+    out, lse, bout, blse = (t.float() for t in _partials(1, 5, 2, 8, device))
+    with pytest.raises(RuntimeError, match="argument 'out' is updated in place and must not have elements that share"):
+        vita_ext.merge_attention_(out[:, :1].expand(1, 5, 2, 8), lse, bout, blse)
+    with pytest.raises(RuntimeError, match="argument 'lse' is updated in place"):
+        vita_ext.merge_attention_(out, lse[..., :1].expand(1, 2, 5), bout, blse)
+    vita_ext.merge_attention_(out, lse, bout[:, :1].expand(1, 5, 2, 8), blse)  # read-only sides may be expanded
+
+
 def test_strided_views(device):
     b, s, h, d = 2, 10, 3, 16
     big_out = rand(b, s + 5, h, d, device=device)

@@ -475,6 +475,18 @@ def test_optimizer_steps_lower_the_loss(checkpoint, data, tmp_path):
     assert all(r["supervised_tokens"] > 0 and r["tokens"] > 0 for r in t.history)
 
 
+def test_projector_stage_on_text_only_data(checkpoint, tmp_path):
+    """Found by the fuzz test: a packed sequence without images has no trainable parameter in its graph
+    when only the projector trains; that step has no gradient (it used to raise in backward)."""
+    rec = {"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1 2 3"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    t = Trainer(_train_cfg(checkpoint, str(tmp_path / "d.jsonl"), tmp_path / "out", stage=1, max_steps=2))
+    before = {k: v.clone() for k, v in t.model.model.vision_projection.state_dict().items()}
+    t.train()
+    assert all(r["supervised_tokens"] > 0 and r["grad_norm"] == 0.0 for r in t.history)
+    assert all(torch.equal(v, t.model.model.vision_projection.state_dict()[k]) for k, v in before.items())
+
+
 # ---------------------------------------------------------------------------- resume and atomicity
 class _Crash(Exception):
     pass
@@ -557,7 +569,9 @@ def test_checkpoint_layout_and_atomic_save(checkpoint, data, tmp_path, monkeypat
         f.truncate(10)
     with pytest.raises(ValueError, match="corrupt"):
         validate(str(tmp_path / "checkpoint-6"))
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+    with pytest.warns(ckpt.CheckpointWarning) as skipped:  # each skipped one is said, with why
+        assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+    assert ["corrupt" in str(w.message) for w in skipped] == [True, False]
     resumed = Trainer(_train_cfg(checkpoint, data, tmp_path, max_steps=1, resume=str(tmp_path / "checkpoint-6")))
     with pytest.raises(ValueError, match="corrupt"):
         resumed.train()

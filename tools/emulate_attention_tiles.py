@@ -6,7 +6,10 @@ the online softmax with its `continue`, rows past `end` staged as zeros -- and c
   1. coverage: the (query, key) pairs each schedule visits equal reference.attention_mask exactly
      (random Sq/Sk/causal/cu_seqlens incl. empty segments, R/KB in {16, 32});
   2. values: out, lse, dq, dk, dv equal reference.attention_lse (+ autograd) to ~1e-15 on shapes with
-     partial tiles, D = 80 / 200 / 33 padding, Sq > Sk (rows without keys), GQA, cu_seqlens, Sk = 0.
+     partial tiles, D = 80 / 200 / 33 padding, Sq > Sk (rows without keys), GQA, cu_seqlens, Sk = 0;
+  3. non-finite inputs (NaN/Inf in q, a visible or a masked k, v, dO): out, lse, dq, dk, dv are NaN/Inf
+     exactly where the pairwise reference (and its autograd) says -- the contract of attention_lse.h --
+     and equal it elsewhere.
 Keep it in step with the kernel's tile constants (Tile<DMAX>) when they change.
 Run: python tools/emulate_attention_tiles.py   (about a minute; needs only torch)
 """
@@ -99,6 +102,14 @@ def check_coverage(trials=3000):
 
 def dmax_of(d): return 32 if d <= 32 else 64 if d <= 64 else 128 if d <= 128 else 256
 
+FAST = {"fwd": 0, "bwd": 0}  # how often the kernels' unmasked paths were taken (they must be exercised)
+
+
+def nan_max(a, b): return b if (b > a or b != b) else a  # the kernel's nan_max (max/fmax drop NaN)
+
+def exp_(x):  # CUDA's exp: inf for large x, NaN for NaN (Python's math.exp raises on overflow)
+    return math.inf if x > 709 else math.exp(x)
+
 def fwd(q, k, v, causal, scale, cu):
     B, Sq, Hq, D = q.shape; Sk, Hkv = k.shape[1], k.shape[2]
     DM = dmax_of(D); R = 32 if DM <= 128 else 16; KT = R
@@ -110,7 +121,7 @@ def fwd(q, k, v, causal, scale, cu):
             hk = h // (Hq // Hkv)
             for bx in range((Sq + R - 1) // R):
                 i0 = bx * R; il = min(i0 + R, Sq) - 1
-                kbeg = row_range(Sq, Sk, causal, cu, i0)[0]; kend = row_range(Sq, Sk, causal, cu, il)[1]
+                kbeg, hi_first = row_range(Sq, Sk, causal, cu, i0); lo_last, kend = row_range(Sq, Sk, causal, cu, il)
                 for t in range(R):
                     i = i0 + t; valid = i < Sq
                     lo, hi = row_range(Sq, Sk, causal, cu, i) if valid else (0, 0)
@@ -121,17 +132,23 @@ def fwd(q, k, v, causal, scale, cu):
                         for jj in range(KT):
                             if j0 + jj < kend: ks[jj] = pad(k[b, j0 + jj, hk]); vs[jj] = pad(v[b, j0 + jj, hk])
                         s = [(float(qr @ ks[jj]) * scale if lo <= j0 + jj < hi else -math.inf) for jj in range(KT)]
-                        mn = max(m, max(s))
+                        mn = m
+                        for x in s: mn = nan_max(mn, x)
                         if mn == -math.inf: continue
-                        alpha = 0.0 if m == -math.inf else math.exp(m - mn)
+                        alpha = 0.0 if m == -math.inf else exp_(m - mn)
                         l *= alpha; o *= alpha
+                        full_tile = lo_last <= j0 and hi_first >= j0 + KT  # the kernel's unmasked path
+                        if full_tile:
+                            assert all(lo <= j0 + jj < hi for jj in range(KT)) or not valid
+                            FAST["fwd"] += 1
                         for jj in range(KT):
-                            pj = math.exp(s[jj] - mn); l += pj; o += pj * vs[jj]
+                            pj = exp_(s[jj] - mn); l += pj
+                            if full_tile or lo <= j0 + jj < hi: o += pj * vs[jj]  # else a select, not 0 * v
                         m = mn
                     if not valid: continue
-                    seen = l > 0
+                    seen = l != 0  # NaN counts as seen
                     out[b, i, h] = (o / l)[:D] if seen else 0.0
-                    lse[b, h, i] = m + math.log(l) if seen else -math.inf
+                    lse[b, h, i] = -math.inf if not seen else (math.inf if m == math.inf else m + math.log(l))
     return out, lse
 
 def bwd(go, gl, q, k, v, out, lse, causal, scale, cu):
@@ -162,18 +179,28 @@ def bwd(go, gl, q, k, v, out, lse, causal, scale, cu):
                                 lo_s[r], hi_s[r] = row_range(Sq, Sk, causal, cu, i)
                                 lse_s[r] = float(lse[b, h, i]); dl_s[r] = float(delta[b, h, i])
                         ds = torch.zeros(R, KB, dtype=torch.float64)
+                        all_vis = (j0 + KB <= Sk and lo_s[R - 1] <= j0 and hi_s[R - 1] >= j0 + KB and hi_s[0] >= j0 + KB
+                                   and all(x != -math.inf for x in lse_s))
+                        FAST["bwd"] += all_vis
                         for r in range(R):
                             for jl in range(KB):
                                 j = j0 + jl
                                 sp = float(ks[jl] @ qs[r]); dp = float(vs[jl] @ dos[r])
                                 vis = j < Sk and lo_s[r] <= j < hi_s[r] and lse_s[r] != -math.inf
-                                pr = math.exp(sp * scale - lse_s[r]) if vis else 0.0
-                                d_ = pr * (dp - dl_s[r])
-                                dvr[jl] += pr * dos[r]; dkr[jl] += d_ * qs[r]; ds[r, jl] = d_
-                        for r in range(R):
+                                assert vis or not all_vis  # the kernel's unmasked path only where all is seen
+                                vis = vis or all_vis
+                                pr = (math.nan if lse_s[r] == math.inf else exp_(sp * scale - lse_s[r])) if vis else 0.0
+                                d_ = pr * (dp - dl_s[r]) if vis else 0.0
+                                if vis: dvr[jl] += pr * dos[r]; dkr[jl] += d_ * qs[r]
+                                ds[r, jl] = d_
+                        for r in range(R):  # add_dq: only the keys row r sees, then one atomicAdd if nonzero
                             i = i0 + r
                             if i >= end: continue
-                            dq[b, i, h] += ((ds[r] @ ks) * scale)[:D]
+                            acc = torch.zeros(DM, dtype=torch.float64)
+                            for jl in range(KB):
+                                if j0 + jl < Sk and lo_s[r] <= j0 + jl < hi_s[r] and lse_s[r] != -math.inf:
+                                    acc += ds[r, jl] * ks[jl]
+                            dq[b, i, h] += (acc * scale)[:D]
                 for jl in range(KB):
                     j = j0 + jl
                     if j < Sk: dk[b, j, hk] = (dkr[jl] * scale)[:D]; dv[b, j, hk] = dvr[jl][:D]
@@ -183,7 +210,8 @@ def check_values():
     random.seed(1)
     torch.manual_seed(1)
     cases = [((1, 5, 37, 2, 1, 80), True, None), ((1, 40, 9, 2, 2, 16), True, None), ((1, 35, 35, 4, 2, 8), True, [0, 5, 5, 17, 35]),
-             ((2, 3, 3, 2, 1, 200), False, None), ((1, 35, 35, 2, 1, 33), False, [0, 20, 35]), ((1, 3, 0, 2, 1, 8), True, None)]
+             ((2, 3, 3, 2, 1, 200), False, None), ((1, 35, 35, 2, 1, 33), False, [0, 20, 35]), ((1, 3, 0, 2, 1, 8), True, None),
+             ((1, 64, 70, 2, 1, 16), False, None), ((1, 96, 96, 2, 1, 16), True, None)]
     for (B, Sq, Sk, Hq, Hkv, D), causal, cu in cases:
         q = torch.randn(B, Sq, Hq, D, dtype=torch.float64); k = torch.randn(B, Sk, Hkv, D, dtype=torch.float64); v = torch.randn_like(k)
         scale = D ** -0.5
@@ -209,6 +237,38 @@ def check_values():
         assert all(e < 1e-12 for e in errs)  # NaN-initialised outputs also prove every element is written
 
 
+def check_non_finite():
+    """The kernel's NaN/Inf rules against the pairwise reference: same non-finite pattern, same values."""
+    torch.manual_seed(2)
+    nan, inf = float("nan"), float("inf")
+    poisons = {"q nan": lambda q, k, v, g: q.__setitem__((0, 20, 1, 0), nan),
+               "k nan (seen by some rows)": lambda q, k, v, g: k.__setitem__((0, 30, 0, 2), nan),
+               "v nan": lambda q, k, v, g: v.__setitem__((0, 30, 0, 2), nan),
+               "k +inf": lambda q, k, v, g: k.__setitem__((0, 30, 0, 2), inf),
+               "v -inf": lambda q, k, v, g: v.__setitem__((0, 7, 0, 1), -inf),
+               "dO nan": lambda q, k, v, g: g.__setitem__((0, 20, 1, 3), nan)}
+    for name, poison in poisons.items():
+        for causal, cu in ((True, None), (False, [0, 25, 40]), (True, [0, 25, 40]), (False, None)):
+            q = torch.randn(1, 40, 2, 8, dtype=torch.float64); k = torch.randn(1, 40, 1, 8, dtype=torch.float64)
+            v = torch.randn_like(k); go = torch.randn_like(q)
+            poison(q, k, v, go)
+            scale = 8 ** -0.5
+            o, l = fwd(q, k, v, causal, scale, cu)
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            ro, rl = ref.attention_lse(qq, kk, vv, causal, scale, torch.tensor(cu) if cu else None, pairwise=True)
+            gdq, gdk, gdv = torch.autograd.grad(ro, (qq, kk, vv), go)
+            dq, dk, dv = bwd(go, None, q, k, v, o, l, causal, scale, cu)
+            for what, ours, want in (("out", o, ro), ("lse", l, rl), ("dq", dq, gdq), ("dk", dk, gdk), ("dv", dv, gdv)):
+                for test in (torch.isnan, torch.isposinf, torch.isneginf):
+                    assert torch.equal(test(ours), test(want.detach())), (name, causal, cu, what, test.__name__)
+                ok = torch.isfinite(want)
+                assert not ok.any() or (ours[ok] - want.detach()[ok]).abs().max().item() < 1e-12, (name, what)
+            print("non-finite:", name, "causal" if causal else "full", cu, "patterns and values agree")
+
+
 if __name__ == "__main__":
     check_coverage()
     check_values()
+    check_non_finite()
+    print("unmasked fast paths taken (forward key tiles, backward row tiles):", FAST)
+    assert FAST["fwd"] > 0 and FAST["bwd"] > 0

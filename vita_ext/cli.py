@@ -7,19 +7,27 @@
     vita-ext plot-train OUT_OR_METRICS [...] --out loss.png
 
 Errors a user can fix (a missing file, an unreadable image, a tag/media mismatch, a bad setting)
-print one line and exit with status 2; anything else is a bug and keeps its traceback.
+print one line and exit with status 2; anything else is a bug and keeps its traceback. Warnings
+(a truncated video, a skipped checkpoint) print one line each. Under torchrun (--context-parallel),
+every rank stops with the same line when any rank fails (``vita_ext.parallel.failure``).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
+import warnings
 
 import torch
 
+from vita_ext.parallel.failure import USER_ERRORS, RankFailure, agree
+from vita_ext.processing.image import MAX_TILES
+from vita_ext.processing.video import MAX_FRAMES
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-USER_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+MAX_PROMPT_BYTES = 64 * 2**20  # --prompt-file: far beyond any context (1M tokens ~ 4 MB of text)
 
 
 def _log(msg: str) -> None:
@@ -27,12 +35,58 @@ def _log(msg: str) -> None:
 
 
 def _device(name: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N (N an existing GPU); a ValueError naming the flag otherwise."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return device
+
+
+def _positive(value, flag: str, high: int | None = None) -> None:
+    if value is not None and (value < 1 or (high is not None and value > high)):
+        bound = f"in [1, {high}]" if high is not None else ">= 1"
+        raise ValueError(f"{flag} must be {bound}, got {value}")
+
+
+def _prompt(args) -> str:
+    """The prompt from --prompt or --prompt-file (``-``: stdin), checked to be valid UTF-8."""
+    if args.prompt_file is None:
+        text = args.prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # the shell passed bytes that are not UTF-8
+            bad = text[e.start].encode("utf-8", "surrogateescape") if "\udc80" <= text[e.start] <= "\udcff" \
+                else text[e.start]
+            raise ValueError(f"--prompt is not valid UTF-8 (byte {bad!r} at character {e.start}); pass UTF-8 "
+                             "text, or the text in a UTF-8 file with --prompt-file") from None
+        return text
+    path = args.prompt_file
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        name = "stdin"
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--prompt-file {path}: no such file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
+        name = path
+    if len(data) > MAX_PROMPT_BYTES:
+        raise ValueError(f"--prompt-file {name}: more than {MAX_PROMPT_BYTES // 2**20} MiB")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {name}: not valid UTF-8 (byte {data[e.start:e.start + 1]!r} at offset "
+                         f"{e.start})") from None
 
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -61,29 +115,76 @@ def _load(args, device: torch.device, dtype: torch.dtype):
 
 
 def cmd_generate(args) -> int:
+    if not args.context_parallel:
+        return _generate(args, _prepare(args, _device(args.device)), is_main=True)
+    from vita_ext.parallel import init_distributed
+
+    device = init_distributed(args.cp_timeout)
+    return _together(lambda: _generate(args, agree(None, _prepare, args, device),
+                                       is_main=torch.distributed.get_rank() == 0))
+
+
+def _together(run) -> int:
+    """Run a context-parallel command so that a failure on any rank stops every rank with the same
+    one-line reason (exit 2 for a user error, 1 otherwise) within about a second: the failing rank
+    publishes it, the others hear it even while blocked in a collective (parallel.failure)."""
+    from vita_ext.parallel import FailureWatch, exit_on_failure, shutdown_distributed
+
+    with FailureWatch(exit_on_failure) as watch:
+        try:
+            code = run()
+        except Exception as exc:  # noqa: BLE001 - reported on every rank, then this process ends
+            failure = watch.publish(exc)
+            if failure.rank == watch.rank and not isinstance(exc, USER_ERRORS + (RankFailure,)):
+                traceback.print_exc()  # a bug: its traceback, on the rank where it happened
+            exit_on_failure(failure)
+    shutdown_distributed()
+    return code
+
+
+def _prepare(args, device: torch.device) -> dict:
+    """Everything local before the first collective: read the prompt and media, load the model,
+    tokenise, check the settings and the context length. Returns what _generate needs."""
+    from vita_ext.processing import insert_media_tags
+
+    prompt = _prompt(args)
     for path in args.image + args.video:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such file: {path}")
-    if not args.context_parallel:
-        return _generate(args, _device(args.device), is_main=True)
-    from vita_ext.parallel import init_distributed, shutdown_distributed
-
-    device = init_distributed(args.cp_timeout)
-    try:
-        return _generate(args, device, is_main=torch.distributed.get_rank() == 0)
-    finally:
-        shutdown_distributed()
-
-
-def _generate(args, device: torch.device, is_main: bool) -> int:
-    from vita_ext.generation import generate
-    from vita_ext.processing import insert_media_tags
-
+    _positive(args.max_tiles, "--max-tiles", MAX_TILES)
+    _positive(args.max_frames, "--max-frames", MAX_FRAMES)
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:  # what torch.Generator accepts
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     dtype = _dtype(args.dtype, device)
     model, processor, gen_cfg = _load(args, device, dtype)
-    prompt = insert_media_tags(args.prompt, len(args.image), len(args.video))
+    max_positions = model.config.text.max_position_embeddings
+    prompt = insert_media_tags(prompt, len(args.image), len(args.video))
     inputs = processor(prompt, images=args.image or None, videos=args.video or None, max_frames=args.max_frames,
-                       max_tiles=args.max_tiles)
+                       max_tiles=args.max_tiles, max_length=max_positions)
+    overrides = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    if args.temperature is not None:
+        overrides["do_sample"] = args.temperature > 0
+    gen_cfg = gen_cfg.updated(**overrides)  # validates the sampling flags
+    room = max_positions - inputs["input_ids"].shape[1]
+    if gen_cfg.max_new_tokens > room:
+        if args.max_new_tokens is not None:
+            raise ValueError(f"the prompt is {inputs['input_ids'].shape[1]} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} it exceeds the model's max_position_embeddings "
+                             f"{max_positions} (use --max-new-tokens {room} or less)")
+        _log(f"note: max_new_tokens lowered from {gen_cfg.max_new_tokens} to {room}: the prompt is "
+             f"{inputs['input_ids'].shape[1]} tokens of the model's {max_positions} positions")
+        gen_cfg = gen_cfg.updated(max_new_tokens=room)
+    return {"model": model, "processor": processor, "gen_cfg": gen_cfg, "inputs": inputs, "device": device}
+
+
+def _generate(args, prepared: dict, is_main: bool) -> int:
+    from vita_ext.generation import generate
+
+    model, processor, gen_cfg, inputs, device = (prepared[k] for k in ("model", "processor", "gen_cfg", "inputs",
+                                                                      "device"))
     stream = processor.tokenizer.stream(skip_special_tokens=True)
 
     def on_token(token: int) -> None:
@@ -91,19 +192,15 @@ def _generate(args, device: torch.device, is_main: bool) -> int:
         if piece and is_main:
             print(piece, end="", flush=True)
 
-    overrides = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-    if args.temperature is not None:
-        overrides["do_sample"] = args.temperature > 0
     if args.context_parallel:
         from vita_ext.parallel import cp_generate
 
         out = cp_generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["context_positions"],
-                          generation_config=gen_cfg, seed=args.seed, streamer=on_token, **overrides)
+                          generation_config=gen_cfg, seed=args.seed, streamer=on_token)
     else:
         out = generate(model, inputs["input_ids"], inputs["pixel_values"], inputs["context_positions"],
                        generation_config=gen_cfg, seed=args.seed, streamer=on_token,
-                       progress=inputs["pixel_values"].shape[0] > 8, **overrides)
+                       progress=inputs["pixel_values"].shape[0] > 8)
     tail = stream.finish()
     if not is_main:
         return 0
@@ -161,9 +258,14 @@ def cmd_serve(args) -> int:
 
 def cmd_random_checkpoint(args) -> int:
     from vita_ext.model.checkpoint import write_random_checkpoint
-    from vita_ext.model.config import LongVITAConfig
+    from vita_ext.model.config import MAX_LAYERS, LongVITAConfig
     from vita_ext.model.presets import PRESETS
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"random-checkpoint {args.out}: exists and is not a directory")
+    _positive(args.layers, "--layers", MAX_LAYERS)
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     if args.config:
         config = LongVITAConfig.from_pretrained(args.config)
     else:
@@ -178,30 +280,24 @@ def cmd_random_checkpoint(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import warnings
-
     from vita_ext.train import Trainer, resolve_config
     from vita_ext.train.config import FIELDS
-    from vita_ext.train.data import BadRecordWarning
 
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = resolve_config(given, args.config)
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, BadRecordWarning):
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"[vita-ext train] warning: {message}", file=sys.stderr)
-        else:
-            _show_default(message, category, filename, lineno, file, line)
-
-    _show_default = warnings.showwarning
-    warnings.showwarning = show
-    try:
+    if not cfg.context_parallel:
         Trainer(cfg).train()
-    finally:
-        warnings.showwarning = _show_default
-    return 0
+        return 0
+    from vita_ext.parallel import init_distributed
+
+    init_distributed()
+
+    def run() -> int:
+        trainer = agree(None, Trainer, cfg)  # every rank's model, data and settings, before any collective
+        trainer.train()
+        return 0
+
+    return _together(run)
 
 
 def cmd_plot_train(args) -> int:
@@ -221,9 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     g.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="a video file, animated GIF or directory of frames (repeatable)")
-    g.add_argument("--prompt", required=True, help="the question; <image>/<video> tags place the media")
-    g.add_argument("--max-frames", type=int, default=None, help="frames sampled per video (default 128)")
-    g.add_argument("--max-tiles", type=int, default=None, help="448-px tiles per image (default 12)")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the question; <image>/<video> tags place the media")
+    prompt.add_argument("--prompt-file", metavar="PATH",
+                        help="read the prompt from a UTF-8 file (- for stdin), for prompts too long for a command line")
+    g.add_argument("--max-frames", type=int, default=None,
+                   help=f"frames sampled per video (default 128, at most {MAX_FRAMES})")
+    g.add_argument("--max-tiles", type=int, default=None, help=f"448-px tiles per image (default 12, at most {MAX_TILES})")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json)")
     g.add_argument("--top-p", type=float, default=None)
@@ -294,12 +394,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _OneLineWarnings:
+    """Show warnings as one line each ("vita-ext: warning: ..."), through tqdm so that a progress bar
+    stays intact; bad training records say "[vita-ext train] warning:" as before."""
+
+    def __enter__(self):
+        self.saved = warnings.showwarning
+        warnings.showwarning = self.show
+        return self
+
+    def __exit__(self, *exc):
+        warnings.showwarning = self.saved
+
+    @staticmethod
+    def show(message, category, filename, lineno, file=None, line=None):
+        from tqdm.auto import tqdm
+
+        from vita_ext.train.data import BadRecordWarning
+
+        prefix = "[vita-ext train] warning" if issubclass(category, BadRecordWarning) else "vita-ext: warning"
+        tqdm.write(f"{prefix}: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _OneLineWarnings():
+            return args.func(args)
+    except RankFailure as exc:  # every rank agreed on it
+        print(f"vita-ext: error: {exc.reason}", file=sys.stderr)
+        return exc.exit_code
     except USER_ERRORS as exc:
-        print(f"vita-ext: error: {exc}", file=sys.stderr)
+        print(f"vita-ext: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nvita-ext: interrupted", file=sys.stderr)

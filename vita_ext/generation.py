@@ -42,9 +42,17 @@ class GenerationConfig:
         cfg = cls()
         file = os.path.join(os.fspath(path), "generation_config.json") if path is not None else None
         if file and os.path.exists(file):
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-            cfg = cfg.updated(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+            try:
+                with open(file, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors
+                raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+            if not isinstance(data, dict):
+                raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+            try:
+                cfg = cfg.updated(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{file}: {exc}") from None
         return cfg
 
     def updated(self, **overrides) -> GenerationConfig:
@@ -52,12 +60,19 @@ class GenerationConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         eos = values["eos_token_id"]
-        values["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        values["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         cfg = GenerationConfig(**values)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "bool": bool}.get(str(f.type))
+            if want is not None and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
+                raise ValueError(f"generation: '{f.name}' must be {str(f.type)}, got {value!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_id):
+            raise ValueError(f"generation: 'eos_token_id' must be integers, got {self.eos_token_id!r}")
         checks = [("max_new_tokens", self.max_new_tokens >= 0, ">= 0"), ("temperature", self.temperature >= 0, ">= 0"),
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
                   ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
@@ -133,6 +148,15 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def check_context_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise ValueError when the prompt plus the new tokens exceed the model's max_position_embeddings
+    (positions past it were never trained, and the KV cache is sized for both)."""
+    limit = model.config.text.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"generate: the prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceed "
+                         f"the model's max_position_embeddings ({limit})")
+
+
 @torch.no_grad()
 def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, context_positions: Tensor | None = None,
              generation_config: GenerationConfig | None = None, seed: int | None = None,
@@ -153,11 +177,13 @@ def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, conte
         GenerateOutput with the new ids [1, N] (the end token included when one was produced), timings
         and peak memory.
     Raises:
-        ValueError for a batch other than 1 or bad sampling settings.
+        ValueError for a batch other than 1, bad sampling settings, or a prompt + max_new_tokens longer
+        than the model's max_position_embeddings.
     """
     cfg = (generation_config or GenerationConfig()).updated(**overrides)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"generate: 'input_ids' must be [1, S], got shape {tuple(input_ids.shape)}")
+    check_context_length(model, input_ids.shape[1], cfg.max_new_tokens)
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -81,30 +81,57 @@ def attention_mask(sq: int, sk: int, causal: bool, cu_seqlens: Tensor | None = N
 
 
 def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax_scale: float | None = None,
-                  cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  cu_seqlens: Tensor | None = None, *, pairwise: bool | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scaled scores.
 
     Args:
         q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] with Hq a multiple of Hkv (query head h uses kv head
-           h // (Hq // Hkv)).
+           h // (Hq // Hkv)), D >= 1.
         causal: bottom-right aligned causal mask.
         softmax_scale: defaults to 1/sqrt(D).
         cu_seqlens: optional [n+1] segment boundaries of a packed sequence (B == 1, Sq == Sk).
+        pairwise: compute every (query, key) product separately, masked before it is formed, so that
+            autograd too keeps NaN/Inf inside the visible pairs (memory [B, H, Sq, Sk, D]); default:
+            only when q, k or v hold a non-finite value.
     Returns:
         out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] (fp32, fp64 for fp64 inputs). Rows that see no key
         get out = 0 and lse = -inf.
+    Non-finite inputs (the kernels' contract, csrc/attention_lse.h): as PyTorch's math attention
+    (F.scaled_dot_product_attention) -- a NaN score a row sees makes its out and lse NaN, a +inf score
+    gives out NaN and lse +inf, a row whose visible scores are all -inf gets out 0 and lse -inf --
+    except that nothing crosses a pair the mask hides, forward or backward. (PyTorch adds the mask to
+    the scores, where NaN + -inf is NaN, and multiplies masked zero probabilities by the values, so
+    there one NaN key or value poisons rows that never see it.)
+    Raises ValueError for D = 0.
     """
     b, sq, hq, d = q.shape
+    if d == 0:
+        raise ValueError("attention_lse: 'q' must have a head dim >= 1, got shape " + str(list(q.shape)))
     sk, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     k = k.repeat_interleave(hq // hkv, dim=2)
     v = v.repeat_interleave(hq // hkv, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     mask = attention_mask(sq, sk, causal, cu_seqlens, q.device)
+    if pairwise is None:
+        pairwise = not all(bool(torch.isfinite(x).all()) for x in (q, k, v))
+    if pairwise:  # [B, H, Sq, Sk, D] products of visible pairs only (zeros elsewhere, before multiplying)
+        seen = mask[None, None, :, :, None]
+        zero = q.new_zeros(())
+        qk = torch.where(seen, q.permute(0, 2, 1, 3)[:, :, :, None], zero) * \
+            torch.where(seen, k.permute(0, 2, 1, 3)[:, :, None], zero)
+        scores = qk.sum(dim=-1) * scale
+    else:
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores.to(_acc_dtype(scores.dtype)), dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    probs = torch.softmax(scores, dim=-1)
+    # a row with nothing to attend to (all -inf) gets 0, not softmax's NaN; a NaN row stays NaN
+    probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    if pairwise:
+        pv = torch.where(seen, probs[..., None], zero) * torch.where(seen, v.permute(0, 2, 1, 3)[:, :, None], zero)
+        out = pv.sum(dim=-2).transpose(1, 2)
+    else:
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out, lse
 
 

@@ -20,6 +20,15 @@
 // rounding of lse and out (~0.3x). The price is fp64 GEMMs (~2x) for fp32 inputs on the CPU.
 // Cost: 10 (or 14) * Sq * Sk_visible * D * Hq * B FLOPs.
 //
+// Non-finite inputs (the contract of attention_lse.h, as PyTorch's math attention): a NaN score among
+// the keys a row sees makes that row's out and lse NaN; a +inf score gives out NaN and lse +inf; NaN/Inf
+// in a visible value reaches out through p * v; nothing reaches a row through a key it does not see,
+// and a row that sees no key gives out 0, lse -inf. The running max therefore propagates NaN, and a
+// tile that is only partly visible and holds a non-finite value (V forward; Q, dO, K backward) skips
+// BLAS, whose 0 * NaN would leak it into the rows that mask it. The checks cost nothing where nothing
+// is masked: full tiles (all of decode, all but the diagonal of causal prefill) skip them, and the
+// NaN test of the scores is an integer OR beside the max (the hot loops stay as they were).
+//
 // NOTE: at::parallel_for is a header template; it runs serially unless this file is compiled with
 // -fopenmp (ATen/Parallel-inl.h falls back to one thread when _OPENMP is undefined), so setup.py must
 // pass -fopenmp for these kernels to use more than one core. Inside the parallel region the tile GEMMs
@@ -73,6 +82,20 @@ void gather(const Rows<const T>& src, int64_t b, int64_t s0, int64_t n, int64_t 
   }
 }
 
+// No NaN or Inf among n values (x - x is 0 exactly for finite x; an OR reduction vectorises).
+template <typename A>
+bool all_finite(const A* x, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(x[i] - x[i] == A(0));
+  return bad == 0;
+}
+
+// max that propagates NaN (std::max(a, NaN) returns a, which would hide a NaN score).
+template <typename A>
+inline A nan_max(A a, A b) {
+  return (b > a || b != b) ? b : a;
+}
+
 template <typename A>
 at::Tensor wrap(A* p, int64_t rows, int64_t cols) {
   return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
@@ -91,6 +114,8 @@ struct Work {
   }
   // Every row of the tile sees every key of [j0, j1): no per-element mask needed.
   bool full(int64_t n, int64_t j0, int64_t j1) const { return lo[n - 1] <= j0 && hi[0] >= j1; }
+  // Does row r of the tile see key j0 + c?
+  bool sees(int64_t r, int64_t j0, int64_t c) const { return j0 + c >= lo[r] && j0 + c < hi[r]; }
 };
 
 // Tiles of a causal schedule differ in cost; alternating ends keeps the contiguous chunks that
@@ -118,13 +143,16 @@ void softmax_prepare(const Fwd<T, A>& a, Work<A>& w, int64_t nq, int64_t j0, int
     A* s = w.s.data() + r * nk;
     const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
     A mx = kNegInf;
+    int nan_seen = 0;
     for (int64_t c = 0; c < nk; ++c) {
       A x = s[c] * a.scale;
-      if (!full && (c < lo || c >= hi)) x = kNegInf;
+      if (!full && (c < lo || c >= hi)) x = kNegInf;  // also drops a NaN of a key this row does not see
       s[c] = x;
       mx = std::max(mx, x);
+      nan_seen |= (x != x);
     }
-    const A m_new = std::max(w.m[r], mx);
+    if (nan_seen) mx = std::numeric_limits<A>::quiet_NaN();
+    const A m_new = nan_max(w.m[r], mx);  // NaN sticks: the row's out and lse become NaN
     const A sub = (m_new == kNegInf) ? A(0) : m_new;  // an all-masked row stays -inf -> exp 0
     w.alpha[r] = (w.m[r] == kNegInf) ? A(0) : std::exp(w.m[r] - m_new);
     for (int64_t c = 0; c < nk; ++c) s[c] -= sub;
@@ -146,9 +174,10 @@ void forward_tile(const Fwd<T, A>& a, int64_t b, int64_t h, int64_t i0, Work<A>&
     const int64_t nk = std::min(kFwdKeys, kend - j0);
     gather(a.k, b, j0, nk, hk, D, w.k.data());
     gather(a.v, b, j0, nk, hk, D, w.v.data());
+    const bool full = w.full(nq, j0, j0 + nk);
     at::Tensor S = wrap(w.s.data(), nq, nk);
     at::mm_out(S, Q, wrap(w.k.data(), nk, D).t());
-    softmax_prepare(a, w, nq, j0, nk, w.full(nq, j0, j0 + nk));
+    softmax_prepare(a, w, nq, j0, nk, full);
     S.exp_();
     for (int64_t r = 0; r < nq; ++r) {
       const A* p = w.s.data() + r * nk;
@@ -160,15 +189,27 @@ void forward_tile(const Fwd<T, A>& a, int64_t b, int64_t h, int64_t i0, Work<A>&
         for (int64_t c = 0; c < D; ++c) o[c] *= w.alpha[r];
       }
     }
-    O.addmm_(S, wrap(w.v.data(), nk, D));
+    if (full || all_finite(w.v.data(), nk * D)) {
+      O.addmm_(S, wrap(w.v.data(), nk, D));
+    } else {  // a NaN/Inf value row: only the rows that see it may take p * v
+      for (int64_t r = 0; r < nq; ++r) {
+        A* o = w.o.data() + r * D;
+        for (int64_t c = 0; c < nk; ++c) {
+          if (!w.sees(r, j0, c)) continue;
+          const A p = w.s[r * nk + c];
+          for (int64_t e = 0; e < D; ++e) o[e] += p * w.v[c * D + e];
+        }
+      }
+    }
   }
+  constexpr A kInf = std::numeric_limits<A>::infinity();
   for (int64_t r = 0; r < nq; ++r) {
     T* dst = a.out.row(b, i0 + r, h);
     const A* o = w.o.data() + r * D;
-    const A l = w.l[r];
-    const bool seen = l > A(0);
+    const A l = w.l[r], m = w.m[r];
+    const bool seen = l != A(0);  // false only when no key was seen (or every score was -inf); NaN is seen
     for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<T>(seen ? o[c] / l : A(0));
-    a.lse[(b * a.Hq + h) * a.Sq + i0 + r] = seen ? w.m[r] + std::log(l) : -std::numeric_limits<A>::infinity();
+    a.lse[(b * a.Hq + h) * a.Sq + i0 + r] = !seen ? -kInf : (m == kInf ? kInf : m + std::log(l));
   }
 }
 
@@ -248,22 +289,24 @@ void compute_delta(const at::Tensor& dout, const at::Tensor& out, const at::Tens
 
 // P = exp(scale * Q K^T - lse) into w.s and dS = P * (dO V^T - Delta) into w.ds, for the rows
 // [i0, i0 + nq) of head h (gathered in w.q / w.dout, ranges in w.lo / w.hi) and keys [j0, j0 + nk).
+// Entries of pairs the mask hides are exactly 0 in both (not 0 * NaN).
 template <typename T, typename A>
 void tile_grads(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                int64_t nk) {
+                int64_t nk, bool full) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const int64_t D = a.D;
   at::Tensor P = wrap(w.s.data(), nq, nk);
   at::mm_out(P, wrap(w.q.data(), nq, D), wrap(w.k.data(), nk, D).t());
-  const bool full = w.full(nq, j0, j0 + nk);
   const A* lse = a.lse + (b * a.Hq + h) * a.Sq + i0;
   for (int64_t r = 0; r < nq; ++r) {
     A* s = w.s.data() + r * nk;
     const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
     const bool dead = lse[r] == kNegInf;  // saw no key anywhere: zero gradient, not exp(+inf)
+    // lse +inf: a +inf score, whose softmax (the forward's p) was NaN; a NaN lse gives NaN by itself
+    const A sub = lse[r] == -kNegInf ? std::numeric_limits<A>::quiet_NaN() : lse[r];
     for (int64_t c = 0; c < nk; ++c) {
       const bool masked = dead || (!full && (c < lo || c >= hi));
-      s[c] = masked ? kNegInf : s[c] * a.scale - lse[r];
+      s[c] = masked ? kNegInf : s[c] * a.scale - sub;
     }
   }
   P.exp_();
@@ -273,7 +316,30 @@ void tile_grads(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0
   for (int64_t r = 0; r < nq; ++r) {
     const A* p = w.s.data() + r * nk;
     A* ds = w.ds.data() + r * nk;
-    for (int64_t c = 0; c < nk; ++c) ds[c] = p[c] * (ds[c] - delta[r]);
+    const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
+    if (full && lse[r] != kNegInf) {
+      for (int64_t c = 0; c < nk; ++c) ds[c] = p[c] * (ds[c] - delta[r]);
+    } else {  // hidden pairs get exactly 0, not 0 * NaN (a NaN value makes dO V^T NaN everywhere)
+      const bool dead = lse[r] == kNegInf;
+      for (int64_t c = 0; c < nk; ++c) ds[c] = (dead || c < lo || c >= hi) ? A(0) : p[c] * (ds[c] - delta[r]);
+    }
+  }
+}
+
+// acc [n_out, D] += sum over visible pairs of coef * src rows, for the three products of a tile that
+// is only partly visible and holds a NaN/Inf operand (BLAS would spread 0 * NaN over hidden pairs).
+// by_key: acc rows are keys (dK, dV: coef[r][c] * src[r]); otherwise rows (dQ: coef[r][c] * src[c]).
+template <typename A>
+void masked_product(const Work<A>& w, int64_t nq, int64_t nk, int64_t j0, int64_t D, const A* coef, const A* src,
+                    A* acc, bool by_key) {
+  for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t c = 0; c < nk; ++c) {
+      if (!w.sees(r, j0, c)) continue;
+      const A x = coef[r * nk + c];
+      A* dst = acc + (by_key ? c : r) * D;
+      const A* from = src + (by_key ? r : c) * D;
+      for (int64_t e = 0; e < D; ++e) dst[e] += x * from[e];
+    }
   }
 }
 
@@ -287,7 +353,7 @@ void load_rows(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0,
 template <typename T, typename A>
 void load_keys(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t hk, int64_t j0, int64_t nk) {
   gather(a.k, b, j0, nk, hk, a.D, w.k.data());
-  gather(a.v, b, j0, nk, hk, a.D, w.v.data());
+  gather(a.v, b, j0, nk, hk, a.D, w.v.data());  // V enters only through dO V^T, masked in tile_grads
 }
 
 // dK, dV of keys [j0, j0 + kBwdKeys) of kv head hk, summed over the group's q heads; with_dq also adds
@@ -297,6 +363,7 @@ void dkdv_tile(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t hk, int64_t j0
   const int64_t D = a.D, nk = std::min(kBwdKeys, a.Sk - j0), group = a.Hq / a.Hkv;
   at::Tensor K = wrap(w.k.data(), nk, D), dK = wrap(w.dk.data(), nk, D), dV = wrap(w.dv.data(), nk, D);
   load_keys(a, w, b, hk, j0, nk);
+  int k_ok = -1;  // K finite? checked once, and only if a partly visible row tile needs it
   dK.zero_();
   dV.zero_();
   int64_t first, end;
@@ -305,11 +372,20 @@ void dkdv_tile(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t hk, int64_t j0
     for (int64_t i0 = first; i0 < end; i0 += kBwdRows) {
       const int64_t nq = std::min(kBwdRows, end - i0);
       load_rows(a, w, b, h, i0, nq);
-      tile_grads(a, w, b, h, i0, nq, j0, nk);
-      at::Tensor P = wrap(w.s.data(), nq, nk), dS = wrap(w.ds.data(), nq, nk);
-      dV.addmm_(P.t(), wrap(w.dout.data(), nq, D));
-      dK.addmm_(dS.t(), wrap(w.q.data(), nq, D));
-      if (with_dq) wrap(a.dq + ((b * a.Hq + h) * a.Sq + i0) * D, nq, D).addmm_(dS, K);
+      const bool full = w.full(nq, j0, j0 + nk);
+      tile_grads(a, w, b, h, i0, nq, j0, nk, full);
+      A* dq = a.dq + ((b * a.Hq + h) * a.Sq + i0) * D;
+      if (!full && k_ok < 0) k_ok = all_finite(w.k.data(), nk * D);
+      if (full || (k_ok && all_finite(w.q.data(), nq * D) && all_finite(w.dout.data(), nq * D))) {
+        at::Tensor P = wrap(w.s.data(), nq, nk), dS = wrap(w.ds.data(), nq, nk);
+        dV.addmm_(P.t(), wrap(w.dout.data(), nq, D));
+        dK.addmm_(dS.t(), wrap(w.q.data(), nq, D));
+        if (with_dq) wrap(dq, nq, D).addmm_(dS, K);
+      } else {
+        masked_product(w, nq, nk, j0, D, w.s.data(), w.dout.data(), w.dv.data(), true);
+        masked_product(w, nq, nk, j0, D, w.ds.data(), w.q.data(), w.dk.data(), true);
+        if (with_dq) masked_product(w, nq, nk, j0, D, w.ds.data(), w.k.data(), dq, false);
+      }
     }
   }
   for (int64_t r = 0; r < nk; ++r) {
@@ -327,13 +403,19 @@ template <typename T, typename A>
 void dq_tile(const Bwd<T, A>& a, Work<A>& w, int64_t b, int64_t h, int64_t i0) {
   const int64_t D = a.D, nq = std::min(kBwdRows, a.Sq - i0), hk = h / (a.Hq / a.Hkv);
   load_rows(a, w, b, h, i0, nq);
-  at::Tensor dQ = wrap(a.dq + ((b * a.Hq + h) * a.Sq + i0) * D, nq, D);
+  A* dq = a.dq + ((b * a.Hq + h) * a.Sq + i0) * D;
+  at::Tensor dQ = wrap(dq, nq, D);
   const int64_t kend = w.hi[nq - 1];
   for (int64_t j0 = w.lo[0]; j0 < kend; j0 += kBwdKeys) {
     const int64_t nk = std::min(kBwdKeys, kend - j0);
     load_keys(a, w, b, hk, j0, nk);
-    tile_grads(a, w, b, h, i0, nq, j0, nk);
-    dQ.addmm_(wrap(w.ds.data(), nq, nk), wrap(w.k.data(), nk, D));
+    const bool full = w.full(nq, j0, j0 + nk);
+    tile_grads(a, w, b, h, i0, nq, j0, nk, full);
+    if (full || all_finite(w.k.data(), nk * D)) {
+      dQ.addmm_(wrap(w.ds.data(), nq, nk), wrap(w.k.data(), nk, D));
+    } else {
+      masked_product(w, nq, nk, j0, D, w.ds.data(), w.k.data(), dq, false);
+    }
   }
 }
 

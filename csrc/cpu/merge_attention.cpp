@@ -3,6 +3,8 @@
 // Per (b, s, h) row: lse' = max + log1p(exp(-|lse - block_lse|)) (no overflow for any finite pair),
 // out' = out * exp(lse - lse') + block_out * exp(block_lse - lse'), in fp32 (fp64 for fp64 out). A -inf
 // side gets weight 0; both -inf give lse' = -inf and out' = 0, as in reference.merge_attention.
+// Non-finite lse as torch.logaddexp: a NaN side gives lse' = NaN (and out' NaN), a +inf side lse' = +inf
+// and out' NaN (the attention_lse contract of a +inf score), so a poisoned block is never hidden.
 // out/lse may be strided views (ring attention merges into chunks of a larger buffer): rows are
 // addressed through their (b, s, h) strides, the last dim of out and block_out has stride 1.
 // Cost: 3 * B * S * H * D FLOPs; bytes: out read + written, block_out read, 4 lse values per row.
@@ -36,8 +38,13 @@ void with_float_type(at::ScalarType t, F&& f) {
 template <typename A>
 inline void merge_weights(A a, A b, A& lse, A& wa, A& wb) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  const A mx = std::max(a, b);
-  lse = (mx == kNegInf) ? kNegInf : mx + std::log1p(std::exp(-std::abs(a - b)));
+  if (a != a || b != b) {
+    lse = std::numeric_limits<A>::quiet_NaN();  // std::max would drop it
+  } else if (a == b && std::isinf(a)) {
+    lse = a;  // both -inf (no keys) or both +inf; |a - b| would be NaN
+  } else {
+    lse = std::max(a, b) + std::log1p(std::exp(-std::abs(a - b)));
+  }
   const A safe = (lse == kNegInf) ? A(0) : lse;
   wa = std::exp(a - safe);
   wb = std::exp(b - safe);

@@ -23,6 +23,11 @@
 // one atomicAdd per (row, dim) into an fp32/fp64 buffer, cast to the input dtype at the end.
 // Cost: 10 * B * Hq * Sq * Sk_visible * DMAX FLOPs; dQ atomics: B * Hq * Sq * D per key tile seen.
 //
+// Non-finite inputs follow the contract in attention_lse.h (as the CPU kernels): the running max
+// propagates NaN (CUDA's max/fmax drop it), a key a row does not see contributes exactly nothing (a
+// select, not p * v with p = 0, which is NaN for a NaN value), and the end of the row tells "saw no
+// key" (l == 0: out 0, lse -inf) from NaN (l NaN) and +inf (lse +inf).
+//
 // NOTE for a GPU session: first run python_tests/test_attention_lse.py and test_merge_attention.py on
 // the device (correctness, incl. D = 80 padding, Sq > Sk, cu_seqlens, GQA), then compute-sanitizer
 // (memcheck + racecheck) on a small case. Then measure against flash-attn / SDPA: this FMA version is
@@ -55,6 +60,9 @@ __device__ __forceinline__ float exp_m(float x) { return expf(x); }
 __device__ __forceinline__ double exp_m(double x) { return exp(x); }
 __device__ __forceinline__ float log_m(float x) { return logf(x); }
 __device__ __forceinline__ double log_m(double x) { return log(x); }
+// max that propagates NaN (max/fmax return the other operand, which would hide a NaN score)
+template <typename M>
+__device__ __forceinline__ M nan_max(M a, M b) { return (b > a || b != b) ? b : a; }
 
 // Sum over the G consecutive lanes of a group (G divides 32); every lane gets the same bits.
 template <int G, typename M>
@@ -106,10 +114,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * C::kRows, i = i0 + tid / G;
   const int64_t i_last = min64(i0 + C::kRows, p.Sq) - 1;
   const bool valid = i < p.Sq;
-  int64_t lo = 0, hi = 0, kbeg, kend, unused;
+  int64_t lo = 0, hi = 0, kbeg, kend;
+  int64_t lo_last, hi_first;  // every row of the block sees [lo_last, hi_first) (the bounds are monotone)
   if (valid) attn::row_range(p.mask, i, lo, hi);
-  attn::row_range(p.mask, i0, kbeg, unused);
-  attn::row_range(p.mask, i_last, unused, kend);
+  attn::row_range(p.mask, i0, kbeg, hi_first);
+  attn::row_range(p.mask, i_last, lo_last, kend);
 
   const T* q = static_cast<const T*>(p.q) + b * p.qs.b + (valid ? i : 0) * p.qs.s + h * p.qs.h;
   const T* k = static_cast<const T*>(p.k) + b * p.ks.b + hk * p.ks.h;
@@ -144,33 +153,47 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams
       for (int e = 0; e < E; ++e) part += static_cast<M>(qr[e]) * static_cast<M>(k_s[jj][e * G + g]);
       part = group_sum<G>(part);
       const int64_t j = j0 + jj;
-      s[jj] = (j >= lo && j < hi) ? part * scale : neg_inf;
-      tile_max = max(tile_max, s[jj]);
+      s[jj] = (j >= lo && j < hi) ? part * scale : neg_inf;  // also drops a NaN of a key not seen
+      tile_max = nan_max(tile_max, s[jj]);
     }
-    const M m_new = max(m, tile_max);
+    const M m_new = nan_max(m, tile_max);  // NaN sticks: out and lse of the row become NaN
     if (m_new == neg_inf) continue;  // nothing seen yet; no barrier or shuffle below
     const M alpha = (m == neg_inf) ? M(0) : exp_m(m - m_new);
     l *= alpha;
 #pragma unroll
     for (int e = 0; e < E; ++e) o[e] *= alpha;
+    if (lo_last <= j0 && hi_first >= j0 + KT) {  // block-uniform: every row sees every key of the tile
 #pragma unroll
-    for (int jj = 0; jj < KT; ++jj) {
-      const M pj = exp_m(s[jj] - m_new);
-      l += pj;
+      for (int jj = 0; jj < KT; ++jj) {
+        const M pj = exp_m(s[jj] - m_new);
+        l += pj;
 #pragma unroll
-      for (int e = 0; e < E; ++e) o[e] += pj * static_cast<M>(v_s[jj][e * G + g]);
+        for (int e = 0; e < E; ++e) o[e] += pj * static_cast<M>(v_s[jj][e * G + g]);
+      }
+    } else {  // a select, not pj * v with pj = 0, which is NaN for a NaN value of a hidden key
+#pragma unroll
+      for (int jj = 0; jj < KT; ++jj) {
+        const int64_t j = j0 + jj;
+        const bool vis = j >= lo && j < hi;
+        const M pj = exp_m(s[jj] - m_new);
+        l += pj;
+#pragma unroll
+        for (int e = 0; e < E; ++e) o[e] += vis ? pj * static_cast<M>(v_s[jj][e * G + g]) : M(0);
+      }
     }
     m = m_new;
   }
   if (!valid) return;
   T* out = static_cast<T*>(p.out) + ((b * p.Sq + i) * p.Hq + h) * p.D;
-  const bool seen = l > M(0);
+  const bool seen = l != M(0);  // false only when no key was seen (or every score was -inf); NaN is seen
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     const int d = e * G + g;
     if (d < p.D) out[d] = static_cast<T>(seen ? o[e] / l : M(0));
   }
-  if (g == 0) p.lse[(b * p.Hq + h) * p.Sq + i] = seen ? static_cast<float>(m + log_m(l)) : -INFINITY;
+  if (g == 0) {
+    p.lse[(b * p.Hq + h) * p.Sq + i] = !seen ? -INFINITY : (m == M(INFINITY) ? INFINITY : static_cast<float>(m + log_m(l)));
+  }
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -256,20 +279,31 @@ __device__ void stage_rows(const BwdParams& p, unsigned char* smem, int64_t b, i
   }
 }
 
-// dQ[i0 + r, d] += scale * sum_j dS[r, j] K[j, d]: one atomicAdd per (row, dim) per key tile.
+// dQ[i0 + r, d] += scale * sum_j dS[r, j] K[j, d] over the keys row r sees (a hidden key adds nothing,
+// not 0 * K, which is NaN for a NaN key): one atomicAdd per (row, dim) per key tile.
 template <typename M, int DMAX>
-__device__ void add_dq(const BwdParams& p, const unsigned char* smem, int64_t b, int64_t h, int64_t i0, int64_t end) {
+__device__ void add_dq(const BwdParams& p, const unsigned char* smem, int64_t b, int64_t h, int64_t i0, int64_t end,
+                       int64_t j0, bool all_vis) {
   using S = BwdSmem<M, DMAX>;
   const M* ds_s = reinterpret_cast<const M*>(smem + S::kDs);
   const float* k_s = reinterpret_cast<const float*>(smem + S::kK);
+  const int64_t* lo_s = reinterpret_cast<const int64_t*>(smem + S::kLo);
+  const int64_t* hi_s = reinterpret_cast<const int64_t*>(smem + S::kHi);
+  const float* lse_s = reinterpret_cast<const float*>(smem + S::kLse);
   M* dq = static_cast<M*>(p.dq);
   for (int idx = threadIdx.x; idx < S::R * DMAX; idx += kThreads) {
     const int r = idx / DMAX, d = idx % DMAX;
     const int64_t i = i0 + r;
     if (i >= end || d >= p.D) continue;
+    const int64_t lo = lo_s[r], hi = hi_s[r];
+    const bool alive = lse_s[r] != -INFINITY;
     M acc = M(0);
 #pragma unroll 8
-    for (int jj = 0; jj < S::KB; ++jj) acc += ds_s[r * S::KB + jj] * static_cast<M>(k_s[jj * Tile<DMAX>::kPad + d]);
+    for (int jj = 0; jj < S::KB; ++jj) {
+      const int64_t j = j0 + jj;
+      const bool vis = all_vis || (alive && j < p.Sk && j >= lo && j < hi);
+      acc += vis ? ds_s[r * S::KB + jj] * static_cast<M>(k_s[jj * Tile<DMAX>::kPad + d]) : M(0);
+    }
     if (acc != M(0)) atomicAdd(dq + ((b * p.Sq + i) * p.Hq + h) * p.D + d, acc * static_cast<M>(p.scale));
   }
 }
@@ -313,6 +347,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
       __syncthreads();  // K/V staged; the previous row tile and its dS are consumed
       stage_rows<T, M, DMAX>(p, smem, b, h, i0, end);
       __syncthreads();
+      // block-uniform: every staged row is alive and sees every key of the tile (bounds are monotone
+      // in the row; rows past `end` are staged dead), so no pair needs the per-element select
+      bool all_vis = j0 + KB <= p.Sk && lo_s[R - 1] <= j0 && hi_s[R - 1] >= j0 + KB && hi_s[0] >= j0 + KB;
+      for (int r = 0; r < R && all_vis; ++r) all_vis = lse_s[r] != -INFINITY;
       for (int r = 0; r < R; ++r) {
         M sp = M(0), dp = M(0);
 #pragma unroll
@@ -324,19 +362,29 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
         sp = group_sum<G>(sp);
         dp = group_sum<G>(dp);
         const float lse = lse_s[r];
-        const bool vis = j < p.Sk && j >= lo_s[r] && j < hi_s[r] && lse != -INFINITY;
-        const M pr = vis ? exp_m(sp * scale - static_cast<M>(lse)) : M(0);
-        const M ds = pr * (dp - delta_s[r]);
+        const bool vis = all_vis || (j < p.Sk && j >= lo_s[r] && j < hi_s[r] && lse != -INFINITY);
+        // lse +inf: a +inf score, whose softmax (the forward's p) was NaN
+        const M pr = vis ? (lse == INFINITY ? M(NAN) : exp_m(sp * scale - static_cast<M>(lse))) : M(0);
+        const M ds = vis ? pr * (dp - delta_s[r]) : M(0);  // not 0 * NaN for a hidden NaN value
+        if (all_vis) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int d = e * G + g;
-          dv[e] += pr * static_cast<M>(do_s[r * DMAX + d]);
-          dk[e] += ds * static_cast<M>(q_s[r * DMAX + d]);
+          for (int e = 0; e < E; ++e) {
+            const int d = e * G + g;
+            dv[e] += pr * static_cast<M>(do_s[r * DMAX + d]);
+            dk[e] += ds * static_cast<M>(q_s[r * DMAX + d]);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < E; ++e) {  // selects, not 0 * x: a hidden NaN q or dO row adds nothing
+            const int d = e * G + g;
+            dv[e] += vis ? pr * static_cast<M>(do_s[r * DMAX + d]) : M(0);
+            dk[e] += vis ? ds * static_cast<M>(q_s[r * DMAX + d]) : M(0);
+          }
         }
         if (g == 0) ds_s[r * KB + jl] = ds;
       }
       __syncthreads();
-      add_dq<M, DMAX>(p, smem, b, h, i0, end);
+      add_dq<M, DMAX>(p, smem, b, h, i0, end, j0, all_vis);
     }
   }
   if (j >= p.Sk) return;

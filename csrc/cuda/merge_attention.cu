@@ -2,7 +2,8 @@
 //
 // One warp per (b, s, h) row, 8 rows per block. Every lane reads the row's two lse values, computes
 // lse' = max + log1p(exp(-|lse - block_lse|)) and the weights exp(lse - lse'), exp(block_lse - lse') in
-// fp32 (a -inf side weighs 0; both -inf give lse' = -inf and out' = 0, as in reference.merge_attention),
+// fp32 (a -inf side weighs 0; both -inf give lse' = -inf and out' = 0, as in reference.merge_attention;
+// a NaN side gives NaN, a +inf side lse' = +inf and out' NaN, as torch.logaddexp: see cpu/merge_attention.cpp),
 // then the lanes stream the row: 4 elements per lane per step with vector loads when D % 4 == 0 and
 // both rows are aligned, element by element otherwise. The row's lse is written by lane 0 after a
 // __syncwarp, so no lane can read an already-updated lse. A row's lse belongs to exactly one warp.
@@ -47,8 +48,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t h = row % H, s = (row / H) % S, b = row / (H * S);
   float* lp = lse + b * ls.a + h * ls.b + s * ls.c;
   const float la = *lp, lb = blse[b * bls.a + h * bls.b + s * bls.c];
-  const float mx = fmaxf(la, lb);
-  const float merged = (mx == -INFINITY) ? -INFINITY : mx + log1pf(expf(-fabsf(la - lb)));
+  // fmaxf drops a NaN and |inf - inf| is NaN: both cases first, as torch.logaddexp
+  const float merged = (isnan(la) || isnan(lb)) ? NAN
+                       : (la == lb && isinf(la)) ? la
+                                                 : fmaxf(la, lb) + log1pf(expf(-fabsf(la - lb)));
   const float safe = (merged == -INFINITY) ? 0.f : merged;
   const float wa = expf(la - safe), wb = expf(lb - safe);
   O* o = out + b * os.a + s * os.b + h * os.c;

@@ -58,6 +58,14 @@ def masked_lm_head():
     return lambda: [vita_ext.masked_lm_head(h, w, pos)]
 
 
+def masked_cross_entropy():
+    import vita_ext
+
+    h, w = rand(13, 24), rand(40, 24)
+    labels = torch.tensor([3, -100, 7, -100, -100, 0, 39, -100, 12, 5, -100, 21, 8])  # gathered rows with gaps
+    return lambda: [vita_ext.masked_linear_cross_entropy(h, w, labels, reduction="none")]
+
+
 def main() -> None:
     torch.manual_seed(0)
     cuda_emu.load()

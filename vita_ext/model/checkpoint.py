@@ -95,9 +95,11 @@ def _write_side_files(path: str, config: LongVITAConfig, tokenizer_path: str | N
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config or GENERATION_CONFIG, f, indent=2)
         f.write("\n")
-    from vita_ext.processing import LongVITATokenizer, default_tokenizer_path
+    from vita_ext.processing import LongVITATokenizer
 
-    LongVITATokenizer.from_pretrained(tokenizer_path or default_tokenizer_path()).save_pretrained(path)
+    # the packaged tokenizer is parsed once per process (LongVITATokenizer.default), not once per save
+    tokenizer = LongVITATokenizer.from_pretrained(tokenizer_path) if tokenizer_path else LongVITATokenizer.default()
+    tokenizer.save_pretrained(path)
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -129,18 +131,44 @@ def write_random_checkpoint(path: str | os.PathLike, config: LongVITAConfig, dty
 
 
 # -------------------------------------------------------------------------------------- loading
-def checkpoint_files(path: str) -> dict[str, str]:
-    """Map tensor name -> shard file path; raises FileNotFoundError naming what is missing."""
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
+def _shard_error(file: str, exc: BaseException) -> ValueError:
+    text = str(exc).strip().splitlines()
+    return ValueError(f"checkpoint shard {file}: cannot read it as safetensors "
+                      f"({text[0] if text else type(exc).__name__}); the file is truncated or corrupt")
+
+
+def _read_index(index: str) -> dict[str, str]:
+    try:
         with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    elif os.path.exists(os.path.join(path, SINGLE_FILE)):
-        with safe_open(os.path.join(path, SINGLE_FILE), framework="pt") as f:
-            weight_map = {k: SINGLE_FILE for k in f.keys()}
+            data = json.load(f)
+    except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors
+        raise ValueError(f"{index}: not valid JSON ({exc})") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file name")
+    for file in set(weight_map.values()):
+        if os.path.isabs(file) or os.path.normpath(file).startswith(os.pardir) or os.sep in os.path.normpath(file):
+            raise ValueError(f"{index}: shard {file!r} is not a file name inside the checkpoint directory")
+    return weight_map
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Map tensor name -> shard file path; raises FileNotFoundError naming what is missing and
+    ValueError for an unreadable index or single-file checkpoint (naming the file)."""
+    index = os.path.join(path, INDEX_FILE)
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(index):
+        weight_map = _read_index(index)
+    elif os.path.exists(single):
+        try:
+            with safe_open(single, framework="pt") as f:
+                weight_map = {k: SINGLE_FILE for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors' errors name no file
+            raise _shard_error(single, exc) from exc
     else:
         raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {path!r}")
-    missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(path, f))})
+    missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
     if missing:
         lost = sum(1 for f in weight_map.values() if f in missing)
         raise FileNotFoundError(f"checkpoint {path!r}: missing shard file(s) {missing} listed in {INDEX_FILE} "
@@ -153,10 +181,18 @@ def _read(files: dict[str, str], names: list[str], device: str, dtype: torch.dty
     for n in names:
         by_file.setdefault(files[n], []).append(n)
     for file, group in by_file.items():
-        with safe_open(file, framework="pt", device=device) as f:
-            for n in group:
-                t = f.get_tensor(n)
-                yield n, (t if dtype is None else t.to(dtype))
+        try:
+            with safe_open(file, framework="pt", device=device) as f:
+                stored = set(f.keys())
+                for n in group:
+                    if n not in stored:
+                        raise ValueError(f"checkpoint shard {file}: has no tensor {n!r} (the index says it does)")
+                    t = f.get_tensor(n)
+                    yield n, (t if dtype is None else t.to(dtype))
+        except (ValueError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors' errors (truncated file, bad header) name no file
+            raise _shard_error(file, exc) from exc
 
 
 def _describe(names: list[str], limit: int = 12) -> str:

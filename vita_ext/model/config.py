@@ -22,15 +22,45 @@ _IGNORED_VISION = {"architectures", "auto_map", "attention_dropout", "drop_path_
                    "use_flash_attn", "dtype"}
 
 
+MAX_LAYERS = 1024  # a sanity bound (the largest released LLMs have ~128): each layer is a Python module
+_ARCHITECTURES = {"": ("LongVITAForCausalLM",), ".visual": ("InternVisionModel",)}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """JSON values must have the field's type: int (not bool), float (int accepted), bool, str; positive
+    for sizes and counts, so that no later arithmetic fails on them (or divides by zero)."""
+    kind = annotation.split("|")[0].strip()
+    if value is None and "None" in annotation:
+        return
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(kind, True)
+    if not ok:
+        want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+        _check(False, name, want, value)
+    if kind in ("int", "float") and not (value > 0 and value < float("inf")):
+        if not (kind == "int" and name.endswith("token_id")):
+            _check(False, name, "positive", value)
+
+
 def _from_fields(cls, data: dict[str, Any], ignored: set[str], where: str, required: tuple[str, ...]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names - ignored)
+    if not isinstance(data, dict):
+        raise ValueError(f"config.json{where}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names) - ignored)
     if unknown:
         raise ValueError(f"config.json{where}: unknown field(s) {unknown}; expected a Long-VITA config "
                          f"(known: {sorted(names)})")
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"config.json{where}: missing required field(s) {missing}")
+    known = _ARCHITECTURES[where]
+    arch = data.get("architectures", list(known))
+    if not isinstance(arch, list) or not arch or any(a not in known for a in arch):
+        _check(False, where.lstrip(".") + ("." if where else "") + "architectures", f"{list(known)}", arch)
+    for k, v in data.items():
+        if k in names:
+            _check_type(where.lstrip(".") + ("." if where else "") + k, v, str(names[k]))
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -54,6 +84,8 @@ class VisionConfig:
                 "patch_size")
 
     def __post_init__(self):
+        _check(1 <= self.num_hidden_layers <= MAX_LAYERS, "visual.num_hidden_layers", f"in [1, {MAX_LAYERS}]",
+               self.num_hidden_layers)
         _check(self.hidden_act == "gelu", "visual.hidden_act", "'gelu'", self.hidden_act)
         _check(self.norm_type == "layer_norm", "visual.norm_type", "'layer_norm'", self.norm_type)
         _check(not self.qk_normalization, "visual.qk_normalization", "false", self.qk_normalization)
@@ -97,6 +129,9 @@ class TextConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        _check(1 <= self.num_hidden_layers <= MAX_LAYERS, "num_hidden_layers", f"in [1, {MAX_LAYERS}]",
+               self.num_hidden_layers)
+        _check(self.head_dim >= 1, "head_dim", ">= 1 (hidden_size / num_attention_heads)", self.head_dim)
         _check(self.hidden_act == "silu", "hidden_act", "'silu'", self.hidden_act)
         _check(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
                f"a multiple of num_key_value_heads={self.num_key_value_heads}", self.num_attention_heads)
@@ -121,7 +156,10 @@ class LongVITAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LongVITAConfig:
-        """Build from a release-layout dict; raises ValueError on unknown/missing/unsupported fields."""
+        """Build from a release-layout dict; raises ValueError on unknown/missing/unsupported fields,
+        a value of the wrong type or sign, or an architecture other than Long-VITA's."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config.json: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         if "visual" not in data:
             raise ValueError("config.json: missing required field 'visual' (the InternViT sub-config)")
@@ -130,7 +168,7 @@ class LongVITAConfig:
         _check(model_type in ("long_vita", "qwen2"), "model_type", "'long_vita'", model_type)
         _check(not data.get("use_sliding_window", False), "use_sliding_window", "false", data.get("use_sliding_window"))
         _check(data.get("rope_scaling") is None, "rope_scaling", "null (no RoPE scaling)", data.get("rope_scaling"))
-        if isinstance(data.get("eos_token_id"), list):  # generation configs list several; the model needs one
+        if isinstance(data.get("eos_token_id"), list) and data["eos_token_id"]:  # the model needs one of them
             data["eos_token_id"] = data["eos_token_id"][0]
         text = _from_fields(TextConfig, data, _IGNORED_TEXT, "", TextConfig.REQUIRED)
         vision = _from_fields(VisionConfig, visual, _IGNORED_VISION, ".visual", VisionConfig.REQUIRED)
@@ -143,11 +181,17 @@ class LongVITAConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"no config.json in {path!r}")
-        with open(file, encoding="utf-8") as f:
-            try:
-                return cls.from_dict(json.load(f))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors
+            raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:  # name the file: "config.json: ..." -> "<path>: ..."
+            message = str(exc)
+            raise ValueError(file + message[len("config.json"):] if message.startswith("config.json") else
+                             f"{file}: {message}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The release layout: LLM fields at top level, vision under ``visual``."""

@@ -118,6 +118,18 @@ def _fix_lse(lse: Tensor, sq: int, sk: int, causal: bool) -> Tensor:
     return lse
 
 
+def nan_rows(out: Tensor, lse: Tensor) -> Tensor:
+    """out with NaN in every row whose lse is NaN (FlashAttention-2 writes 0 there): the spec's NaN
+    propagation, on the device with no host sync. out [B, S, H, D], lse [B, H, S]."""
+    return out.masked_fill(torch.isnan(lse).transpose(1, 2).unsqueeze(-1), math.nan)
+
+
+def poisoned(out: Tensor, lse: Tensor) -> bool:
+    """Whether a CPU flash result shows a non-finite input (then the vita kernels redo the call): a NaN or
+    Inf in out, or an lse that is NaN or +inf (-inf is a row that sees no key). Syncs: CPU only."""
+    return not bool(torch.isfinite(out).all()) or bool((torch.isnan(lse) | torch.isposinf(lse)).any())
+
+
 def _varlen_lse(lse: Tensor, cu32: Tensor, total: int) -> Tensor:
     """[H, total] (PyTorch >= 2.5) stays; an older padded [n, H, max_seqlen] is gathered on the device
     (no host sync) into [H, total]."""

@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vita_ext.generation import GenerateOutput, GenerationConfig, _sync, attention_phases, peak_memory, sample_next
+from vita_ext.generation import (GenerateOutput, GenerationConfig, _sync, attention_phases, check_context_length,
+                                 peak_memory, sample_next)
 from vita_ext.ops.attention_dispatch import BACKEND_CALLS
 from vita_ext.parallel.attention import RingPrefillAttention, ShardedDecodeAttention, ShardedKVCache
+from vita_ext.parallel.failure import agree
 from vita_ext.parallel.ring import group_info
 from vita_ext.parallel.sharding import ZigZagPlan
 
@@ -44,7 +46,9 @@ def shutdown_distributed() -> None:
     """Wait for every rank, then destroy the default process group. Measured with gloo (torch 2.11
     and 2.14): when one rank destroys its group while a peer is still tearing down, the peer
     sometimes aborts ("terminate called without an active exception", SIGABRT) -- about 1 run in 7
-    of an error path in test_parallel. A failed barrier means a peer is gone: nothing to wait for."""
+    of an error path in test_parallel. A failed barrier means a peer is gone: nothing to wait for.
+    (After a failure other ranks may not have seen, do not call this: they may never reach the
+    barrier; see parallel.failure.)"""
     if not dist.is_initialized():
         return
     try:
@@ -54,31 +58,20 @@ def shutdown_distributed() -> None:
     dist.destroy_process_group()
 
 
-def agree(group, fn: Callable, *args, **kwargs):
-    """Run ``fn`` on every rank; if it raises anywhere, raise on every rank with all ranks' messages
-    (instead of leaving the healthy ranks blocked in the next collective)."""
-    rank, world = group_info(group)
-    result, error = None, None
-    try:
-        result = fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-        error = f"rank {rank}: {type(exc).__name__}: {exc}"
-    errors: list = [None] * world
-    dist.all_gather_object(errors, error, group=group)
-    failed = [e for e in errors if e]
-    if failed:
-        raise RuntimeError("context parallel failed: " + " | ".join(failed))
-    return result
-
-
-def check_consistent(model, input_ids: Tensor, group) -> None:
-    """Every rank must run the same prompt on the same kind of device with the same dtype."""
-    facts = (model.device.type, str(model.dtype), tuple(input_ids.shape), int(input_ids.sum()))
+def check_consistent(model, input_ids: Tensor, group, generation_config: GenerationConfig | None = None,
+                     seed: int | None = None) -> None:
+    """Every rank must run the same prompt on the same kind of device with the same dtype, the same
+    decoding settings and seed (a rank that stopped decoding early would leave the others waiting)."""
+    ids = input_ids.detach().cpu().reshape(-1).to(torch.int64)
+    checksum = int((ids * torch.arange(1, ids.numel() + 1)).sum()) if ids.numel() else 0
+    facts = (model.device.type, str(model.dtype), tuple(input_ids.shape), checksum, repr(generation_config), seed)
     everyone: list = [None] * group_info(group)[1]
     dist.all_gather_object(everyone, facts, group=group)
     if any(f != everyone[0] for f in everyone):
+        what = [name for k, name in enumerate(("device", "dtype", "prompt length", "prompt", "decoding settings",
+                                               "seed")) if len({f[k] for f in everyone}) > 1]
         desc = ", ".join(f"rank {r}: device {f[0]}, dtype {f[1]}, input_ids {f[2]}" for r, f in enumerate(everyone))
-        raise ValueError(f"context parallel: ranks disagree on device/dtype/prompt ({desc})")
+        raise ValueError(f"context parallel: ranks disagree on {'/'.join(what)} ({desc})")
 
 
 def _embed_local(model, plan: ZigZagPlan, rank: int, input_ids: Tensor, pixel_values: Tensor | None,
@@ -105,11 +98,13 @@ def cp_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, co
 
     Returns the same GenerateOutput on every rank; ``extra`` holds the per-rank cache rows and the
     number of prefill passes (always 1: the prompt is never re-run). The streamer is called on every rank.
-    Raises RuntimeError (on every rank) for an uninitialised group or inconsistent ranks.
+    Raises RuntimeError for an uninitialised group, and ``RankFailure`` (a RuntimeError) on every
+    rank for inconsistent ranks or a failure of any rank while embedding its share.
     """
     cfg = (generation_config or GenerationConfig()).updated(**overrides)
     rank, world = group_info(group)
-    agree(group, check_consistent, model, input_ids, group)
+    agree(group, check_consistent, model, input_ids, group, cfg, seed)
+    check_context_length(model, input_ids.shape[1], cfg.max_new_tokens)  # the same verdict on every rank
     device, t = model.device, model.config.text
     s = input_ids.shape[1]
     plan = ZigZagPlan(s, world)

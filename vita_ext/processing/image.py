@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+# The most tiles one image may be cut into: a 2^20-token context holds 4096 448-px tiles. It bounds the
+# work of a --max-tiles request (the resized image is up to ~max_tiles * 448^2 pixels).
+MAX_TILES = 4096
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_FILL = tuple(int(m * 255) for m in IMAGENET_MEAN)  # (123, 116, 103): padding colour
@@ -25,33 +28,67 @@ ImageLike = Union[str, "os.PathLike[str]", Image.Image]
 def load_image(image: ImageLike) -> Image.Image:
     """Open an image file (or take a PIL image) and return it in RGB mode (PIL.Image, uint8).
 
+    16-bit greyscale ("I;16*", or "I" holding 16-bit values) is scaled to 8 bits (x / 257), and float
+    ("F") images holding [0, 1] are scaled by 255; Pillow's own RGB conversion would clip them (a
+    16-bit image would come out white). Other modes use Pillow's conversion, as Long-VITA does.
     Raises FileNotFoundError naming the path if it does not exist, and
-    ValueError("cannot read image <path>: <reason>") if Pillow cannot decode it."""
+    ValueError("cannot read image <path>: <reason>") if Pillow cannot decode it (a decompression bomb,
+    i.e. more than twice Pillow's MAX_IMAGE_PIXELS, included)."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_rgb(image)
     path = os.fspath(image)
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+            return to_rgb(im)
+    except Exception as e:  # noqa: BLE001 - any decoder failure on a file is "cannot read it"
+        raise ValueError(f"cannot read image {path}: {_reason(e)}") from e
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__) if isinstance(e, (OSError, ValueError)) else \
+        f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB uint8 view of any Pillow mode, scaling high-bit-depth greyscale instead of clipping it."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        x = np.asarray(image, dtype=np.float64)
+        finite = x[np.isfinite(x)]
+        top = float(finite.max()) if finite.size else 0.0
+        if image.mode == "F" and top <= 1.0:
+            x = x * 255.0
+        elif image.mode != "F" and (image.mode.startswith("I;16") or top > 255.0):
+            x = x / 257.0  # 65535 -> 255
+        grey = np.clip(np.nan_to_num(np.rint(x)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 def candidate_grids(min_tiles: int = 1, max_tiles: int = 12) -> list[tuple[int, int]]:
     """Tile grids (cols, rows) with min_tiles <= cols*rows <= max_tiles, sorted by cols*rows.
 
-    Ties (same product) keep CPython's set-iteration order, exactly as InternVL/Long-VITA build them
-    (a set of (i, j) tuples from the same generator, then a stable sort by i*j)."""
-    grids = set(
-        (i, j)
-        for n in range(min_tiles, max_tiles + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if i * j <= max_tiles and i * j >= min_tiles
-    )
+    Ties (same product) keep CPython's set-iteration order, exactly as InternVL/Long-VITA build them (a
+    set filled by ``for n in range(min, max + 1): for i in 1..n: for j in 1..n``, then a stable sort
+    by i*j). A set's order depends only on the order in which its elements are FIRST added, so the
+    same set is built here from the first-insertion order alone -- O(max_tiles log max_tiles) pairs
+    instead of InternVL's cubic loop. Raises ValueError unless 1 <= min_tiles <= max_tiles <= MAX_TILES."""
+    if not (1 <= min_tiles <= max_tiles <= MAX_TILES):
+        raise ValueError(f"tile limits: expected 1 <= min_tiles <= max_tiles <= {MAX_TILES}, received "
+                         f"{min_tiles}, {max_tiles}")
+    grids: set[tuple[int, int]] = set()
+    for n in range(min_tiles, max_tiles + 1):
+        # pairs first met at this n, in InternVL's (i, j) order: all of [1, n]^2 at the first n, then
+        # those with max(i, j) == n (i < n with j = n, then i = n with j <= n)
+        if n == min_tiles:
+            new = ((i, j) for i in range(1, n + 1) for j in range(1, n + 1))
+        else:
+            new = [(i, n) for i in range(1, min(n - 1, max_tiles // n) + 1)]
+            new += [(n, j) for j in range(1, min(n, max_tiles // n) + 1)]
+        grids.update(g for g in new if min_tiles <= g[0] * g[1] <= max_tiles)
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 

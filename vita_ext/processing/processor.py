@@ -8,6 +8,7 @@ text order, so tile k of pixel_values feeds context_positions[k*T:(k+1)*T].
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from typing import Any, Mapping, Sequence
@@ -15,12 +16,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .image import (ImageLike, candidate_grids, closest_grid, dynamic_tiles, load_image, normalize,
-                    normalize_tile, prepare_tile)
+from .image import (MAX_TILES, ImageLike, _reason, candidate_grids, closest_grid, dynamic_tiles, load_image,
+                    normalize, normalize_tile, prepare_tile)
 from .prompt import (IGNORE_INDEX, MediaSpec, apply_chat_template, chat_segments, check_no_vision_tokens,
-                     check_tag_counts, expand_media_tokens, find_media_tags, tokens_per_tile)
+                     check_tag_counts, expand_media_tokens, expanded_length, find_media_tags, tokens_per_tile)
 from .tokenizer import LongVITATokenizer
-from .video import VideoLike, VideoSource
+from .video import MAX_FRAMES, VideoLike, VideoSource
 
 
 def _as_list(items, name: str) -> list:
@@ -43,8 +44,29 @@ def _image_size(image: ImageLike) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any decoder failure (a decompression bomb included)
+        raise ValueError(f"cannot read image {path}: {_reason(e)}") from e
+
+
+def _check_text(text) -> None:
+    """Text must be valid Unicode (a str from a non-UTF-8 command line carries lone surrogates)."""
+    if not isinstance(text, str):
+        return  # the chat template names the bad field
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:
+            bad = repr(text[e.start].encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            bad = repr(text[e.start])
+        raise ValueError(f"the text is not valid UTF-8: byte {bad} at character {e.start} (decode it as UTF-8, "
+                         f"or pass a UTF-8 file)") from None
+
+
+def _limit(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{name}: expected an integer in [{low}, {high}], received {value!r}")
+    return int(value)
 
 
 class LongVITAProcessor:
@@ -62,8 +84,9 @@ class LongVITAProcessor:
         self.tokenizer = tokenizer if tokenizer is not None else LongVITATokenizer.default()
         self.image_size, self.patch_size = int(image_size), int(patch_size)
         self.tokens_per_tile = tokens_per_tile(self.image_size, self.patch_size)
-        self.max_tiles, self.min_tiles = int(max_tiles), int(min_tiles)
-        self.max_frames, self.max_fps = int(max_frames), float(max_fps)
+        self.max_tiles = _limit(max_tiles, "max_tiles", 1, MAX_TILES)
+        self.min_tiles = _limit(min_tiles, "min_tiles", 1, self.max_tiles)
+        self.max_frames, self.max_fps = _limit(max_frames, "max_frames", 1, MAX_FRAMES), float(max_fps)
         self.pixel_dtype, self.progress = pixel_dtype, progress
 
     @classmethod
@@ -82,30 +105,42 @@ class LongVITAProcessor:
                 kwargs["tokenizer"] = LongVITATokenizer.default()
         config_path = os.path.join(path, "config.json")
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                visual = json.load(f).get("visual") or {}
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+            visual = config.get("visual") if isinstance(config, dict) else None
             for key in ("image_size", "patch_size"):
-                if key in visual:
-                    kwargs.setdefault(key, visual[key])
+                value = visual.get(key) if isinstance(visual, dict) else None
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{config_path}: field 'visual.{key}' must be a positive integer, got {value!r}")
+                kwargs.setdefault(key, value)
         return cls(**kwargs)
 
     # ---- public API ----------------------------------------------------------------------------
     def __call__(self, text: str, images: Sequence[ImageLike] | None = None,
                  videos: Sequence[VideoLike] | None = None, max_frames: int | None = None,
-                 max_tiles: int | None = None, chat: bool = True, add_generation_prompt: bool = True
-                 ) -> dict[str, torch.Tensor]:
+                 max_tiles: int | None = None, chat: bool = True, add_generation_prompt: bool = True,
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Inference inputs for one prompt.
 
         text: the user's text with <image>/<video> tags (one per image/video, any order). chat=True wraps
         it as one ChatML user message (+ "<|im_start|>assistant\\n" if add_generation_prompt); chat=False
         tokenises it as is. images: paths or PIL images; videos: paths (file, GIF, frame directory) or
-        lists of PIL frames. max_frames / max_tiles override the processor's limits for this call.
+        lists of PIL frames. max_frames / max_tiles override the processor's limits for this call
+        (bounded by MAX_FRAMES / MAX_TILES). max_length: refuse, before any pixel is decoded, an input
+        that would be longer (e.g. the model's max_position_embeddings).
         Returns {"input_ids": int64 [1, S], "pixel_values": pixel_dtype [tiles, 3, s, s] (empty [0, 3, s, s]
         without media), "context_positions": int64 [tiles * T]}.
-        Raises ValueError (tag-count mismatch naming both counts, unreadable media), FileNotFoundError."""
+        Raises ValueError (tag-count mismatch naming both counts, unreadable media, text that is not
+        valid Unicode, too long), FileNotFoundError."""
+        _check_text(text)
         if chat:
             text = apply_chat_template([{"role": "user", "content": text}], add_generation_prompt)
-        return self._build(self.tokenizer.encode(text), None, images, videos, max_frames, max_tiles)
+        return self._build(self.tokenizer.encode(text), None, images, videos, max_frames, max_tiles, max_length)
 
     def encode_conversation(self, messages: Sequence[Mapping[str, str]],
                             images: Sequence[ImageLike] | None = None, videos: Sequence[VideoLike] | None = None,
@@ -119,6 +154,8 @@ class LongVITAProcessor:
         piece separately; with strict=True a ValueError is raised if that differs from tokenising the
         whole text (e.g. content that starts with a newline, which merges with the header's "\\n");
         strict=False keeps the piecewise tokens (what Long-VITA's training code feeds)."""
+        for m in messages:
+            _check_text(m.get("content") if isinstance(m, Mapping) else None)
         segments = chat_segments(messages, add_generation_prompt=False)
         pieces = self.tokenizer.encode_batch([s for s, _ in segments])
         ids, labels = [], []
@@ -148,7 +185,8 @@ class LongVITAProcessor:
 
     # ---- internals -----------------------------------------------------------------------------
     def _build(self, ids: list[int], labels: list[int] | None, images, videos,
-               max_frames: int | None, max_tiles: int | None) -> dict[str, torch.Tensor]:
+               max_frames: int | None, max_tiles: int | None, max_length: int | None = None
+               ) -> dict[str, torch.Tensor]:
         images, videos = _as_list(images, "images"), _as_list(videos, "videos")
         for k, v in enumerate(videos):
             if isinstance(v, Image.Image):
@@ -157,8 +195,8 @@ class LongVITAProcessor:
         check_no_vision_tokens(ids, self.tokenizer)  # before any decoding work
         kinds = find_media_tags(ids, self.tokenizer.image_token_id, self.tokenizer.video_token_id)
         check_tag_counts(kinds, len(images), len(videos))
-        max_frames = self.max_frames if max_frames is None else int(max_frames)
-        max_tiles = self.max_tiles if max_tiles is None else int(max_tiles)
+        max_frames = self.max_frames if max_frames is None else _limit(max_frames, "max_frames", 1, MAX_FRAMES)
+        max_tiles = self.max_tiles if max_tiles is None else _limit(max_tiles, "max_tiles", 1, MAX_TILES)
         grids = candidate_grids(self.min_tiles, max_tiles)
 
         # Plan every medium (sizes only), then decode each straight into one preallocated tensor.
@@ -167,10 +205,20 @@ class LongVITAProcessor:
             if kind == "image":
                 image = next(it_img)
                 grid = closest_grid(*_image_size(image), grids, self.image_size)
-                plans.append((image, grid[0] * grid[1] + (grid[0] * grid[1] > 1)))
+                plans.append((image, grid[0] * grid[1] + (grid[0] * grid[1] > 1), grid))
             else:
                 source = VideoSource(next(it_vid), max_frames, self.max_fps)
-                plans.append((source, len(source)))
+                plans.append((source, len(source), None))
+        if max_length is not None:
+            specs = [MediaSpec(kind, n, grid) for kind, (_, n, grid) in zip(kinds, plans)]
+            length = expanded_length(ids, specs, self.tokens_per_tile, self.tokenizer.image_token_id,
+                                     self.tokenizer.video_token_id)
+            if length > max_length:
+                tiles = sum(n for _, n, _ in plans)
+                raise ValueError(f"the input would be {length} tokens ({len(ids) - len(kinds)} of text, {tiles} "
+                                 f"tile(s)/frame(s) of {self.tokens_per_tile}), more than the limit of {max_length}"
+                                 f" (the model's max_position_embeddings); lower max_frames/max_tiles or shorten it")
+        plans = [(item, n) for item, n, _ in plans]
         s = self.image_size
         pixel_values = torch.empty((sum(n for _, n in plans), 3, s, s), dtype=self.pixel_dtype)
         media, offset = [], 0

@@ -21,7 +21,7 @@ ROLES = ("system", "user", "assistant")
 def tokens_per_tile(image_size: int = 448, patch_size: int = 14) -> int:
     """LLM tokens per tile: (image_size / patch_size)^2 / 4 (2x2 pixel shuffle). 448/14 -> 256, 56/14 -> 4.
     Raises ValueError unless image_size is a multiple of patch_size with an even patch grid."""
-    if image_size % patch_size or (image_size // patch_size) % 2:
+    if patch_size < 1 or image_size < 1 or image_size % patch_size or (image_size // patch_size) % 2:
         raise ValueError(f"image_size/patch_size: expected an even number of patches per side, received "
                          f"{image_size}/{patch_size}")
     return (image_size // patch_size) ** 2 // 4

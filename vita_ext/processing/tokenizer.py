@@ -177,6 +177,19 @@ class LongVITATokenizer:
         directory = os.fspath(path)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+        try:
+            return cls._from_files(directory)
+        except FileNotFoundError:
+            raise
+        except ValueError as exc:
+            if directory in str(exc):
+                raise
+            raise ValueError(f"{directory}: cannot load the tokenizer files ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001 - malformed files: wrong JSON types, bad gzip, ...
+            raise ValueError(f"{directory}: cannot load the tokenizer files ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_files(cls, directory: str) -> "LongVITATokenizer":
         vocab_path, merges_path = _find(directory, "vocab.json"), _find(directory, "merges.txt")
         if vocab_path and merges_path:
             vocab, merges = json.loads(_read_text(vocab_path)), read_merges(merges_path)
@@ -215,10 +228,11 @@ class LongVITATokenizer:
         and by transformers' AutoTokenizer."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
+        vocab_text, merges_text = self._file_texts
         with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(self._vocab, f, ensure_ascii=False, separators=(",", ":"))
+            f.write(vocab_text)
         with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(f"{a} {b}\n" for a, b in self._merges))
+            f.write(merges_text)
         config = dict(_CONFIG_DEFAULTS)
         config["added_tokens_decoder"] = {
             str(tid): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
@@ -228,6 +242,12 @@ class LongVITATokenizer:
             json.dump(dict(sorted(config.items())), f, ensure_ascii=False, indent=2)
         if tokenizer_json:
             self._tok.save(os.path.join(directory, "tokenizer.json"))
+
+    @functools.cached_property
+    def _file_texts(self) -> tuple[str, str]:
+        """vocab.json and merges.txt as text, serialised once (every training checkpoint saves them)."""
+        return (json.dumps(self._vocab, ensure_ascii=False, separators=(",", ":")),
+                "".join(f"{a} {b}\n" for a, b in self._merges))
 
     # ---- encoding / decoding ------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

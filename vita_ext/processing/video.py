@@ -19,23 +19,38 @@ import torch
 from PIL import Image, ImageSequence
 from tqdm import tqdm
 
-from .image import load_image, normalize_tile, prepare_tile
+from .image import _reason, load_image, normalize_tile, prepare_tile, to_rgb
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# The most frames one video may be sampled to: 2^20 context tokens at the smallest tile (4 tokens + 2
+# markers per frame) hold fewer. It bounds the work of a --max-frames request.
+MAX_FRAMES = 1 << 18
 GIF_DEFAULT_FRAME_MS = 100  # GIF frames without a (positive) duration are shown for 100 ms by browsers
 
 VideoLike = Union[str, "os.PathLike[str]", Sequence[Image.Image]]
+
+
+class VideoWarning(UserWarning):
+    """A video gave fewer frames than sampled (truncated file or overstated header)."""
 
 
 def sample_indices(n_frames: int, fps: float, max_frames: int, max_fps: float = 1.0) -> list[int]:
     """Frame indices (ascending ints < n_frames) Long-VITA samples from a video of n_frames at fps.
 
     step = max(fps / max_fps, n_frames / (max_frames + 1)); indices = int(k * step), k < max_frames,
-    keeping those < n_frames. E.g. 40 frames at 10 fps, max_fps 1 -> [0, 10, 20, 30]."""
-    if max_frames < 1 or max_fps <= 0:
+    keeping those < n_frames. E.g. 40 frames at 10 fps, max_fps 1 -> [0, 10, 20, 30].
+    Work is linear in the result (at most max_frames and about n_frames * max_fps / fps), not in
+    max_frames. Raises ValueError for max_frames < 1, max_fps <= 0 or a non-finite/non-positive fps."""
+    if max_frames < 1 or not max_fps > 0:
         raise ValueError(f"max_frames/max_fps: expected >= 1 and > 0, received {max_frames}, {max_fps}")
+    if not (0 < fps < float("inf")):
+        raise ValueError(f"fps: expected a positive frame rate, received {fps}")
+    if n_frames <= 0:
+        return []
     step = max(fps / max_fps, n_frames / (max_frames + 1))
-    return [i for i in (int(k * step) for k in range(max_frames)) if i < n_frames]
+    # int(k * step) < n_frames fails for every k >= n_frames / step (+1 for rounding): stop there
+    stop = min(max_frames, int(n_frames / step) + 2)
+    return [i for i in (int(k * step) for k in range(stop)) if i < n_frames]
 
 
 def frame_dir_indices(total: int, max_frames: int) -> list[int]:
@@ -72,6 +87,8 @@ class VideoSource:
     (undecodable file, no video stream, zero frames)."""
 
     def __init__(self, source: VideoLike, max_frames: int, max_fps: float = 1.0):
+        if not 1 <= max_frames <= MAX_FRAMES:
+            raise ValueError(f"max_frames: expected 1 <= max_frames <= {MAX_FRAMES}, received {max_frames}")
         self.path: str | None = None
         self.fps: float | None = None
         self._frames: list[Image.Image] | None = None
@@ -118,9 +135,9 @@ class VideoSource:
         try:
             with Image.open(self.path) as im:
                 durations = [f.info.get("duration", 0) or 0 for f in ImageSequence.Iterator(im)]
-        except (OSError, SyntaxError, ValueError) as e:
-            raise self._error(e) from e
-        ms = [d if d > 0 else GIF_DEFAULT_FRAME_MS for d in durations]
+        except Exception as e:  # noqa: BLE001 - any decoder failure on the file is "cannot read it"
+            raise self._error(_reason(e)) from e
+        ms = [d if isinstance(d, (int, float)) and d > 0 else GIF_DEFAULT_FRAME_MS for d in durations]
         return len(ms), (1000.0 * len(ms) / sum(ms)) if ms else 1.0
 
     def _open(self):
@@ -128,14 +145,22 @@ class VideoSource:
 
         try:
             container = av.open(self.path)
-        except (av.FFmpegError, OSError, ValueError) as e:
-            raise self._error(e) from e
+        except Exception as e:  # noqa: BLE001 - FFmpeg and PyAV errors on a bad file
+            raise self._error(_reason(e)) from e
         if not container.streams.video:
             container.close()
             raise self._error("no video stream")
         return container
 
     def _file_info(self) -> tuple[int, float]:
+        try:
+            return self._probe()
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a header PyAV cannot make sense of
+            raise self._error(_reason(e)) from e
+
+    def _probe(self) -> tuple[int, float]:
         import av
 
         with self._open() as container:
@@ -149,9 +174,9 @@ class VideoSource:
                     n = sum(1 for p in container.demux(stream) if p.size > 0)
                 except av.FFmpegError as e:
                     raise self._error(e) from e
-        if rate:
+        if rate and 0 < float(rate) < float("inf"):
             fps = float(rate)
-        elif duration:
+        elif duration and duration > 0:
             fps = n / duration
         else:
             warnings.warn(f"{self.path}: no frame rate or duration; assuming 1 fps")
@@ -175,34 +200,40 @@ class VideoSource:
             bar.close()
         if count == 0:
             raise self._error("no frame could be decoded")
+        if count < len(self.indices):
+            warnings.warn(f"video {self.path}: decoded {count} of the {len(self.indices)} sampled frames (the "
+                          f"file is truncated or its header overstates its {self.n_frames} frames); using "
+                          f"{count}", VideoWarning, stacklevel=2)
 
     def _iter_frames(self) -> Iterator[Image.Image]:
         if self.kind == "frames":
             for i in self.indices:
                 frame = self._frames[i]
-                yield (Image.fromarray(frame) if isinstance(frame, np.ndarray) else frame).convert("RGB")
+                yield to_rgb(Image.fromarray(frame) if isinstance(frame, np.ndarray) else frame)
         elif self.kind == "dir":
             for i in self.indices:
                 yield load_image(self._files[i])
         elif self.kind == "gif":
             try:
                 with Image.open(self.path) as im:
-                    yield from _pick(ImageSequence.Iterator(im), self.indices, lambda f: f.convert("RGB"))
-            except (OSError, SyntaxError) as e:
-                raise self._error(e) from e
+                    yield from _pick(ImageSequence.Iterator(im), self.indices, to_rgb)
+            except GeneratorExit:
+                raise
+            except Exception as e:  # noqa: BLE001 - any decoder failure on the file
+                raise self._error(_reason(e)) from e
         else:
             yield from self._decode_file()
 
     def _decode_file(self) -> Iterator[Image.Image]:
-        import av
-
         with self._open() as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             try:
                 yield from _pick(container.decode(stream), self.indices, lambda f: f.to_image())
-            except av.FFmpegError as e:
-                raise self._error(e) from e
+            except GeneratorExit:
+                raise
+            except Exception as e:  # noqa: BLE001 - FFmpeg and PyAV errors while decoding
+                raise self._error(_reason(e)) from e
 
 
 def _pick(frames: Iterable, indices: Sequence[int], convert) -> Iterator[Image.Image]:

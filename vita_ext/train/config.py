@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from vita_ext.processing.image import MAX_TILES
+from vita_ext.processing.video import MAX_FRAMES
 from vita_ext.train.stages import POLICIES, stage_defaults
 
 DTYPES = ("bf16", "fp32")
+MAX_EPOCHS = 10000  # counting the steps replays every epoch's packing
 SAVE_DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -74,12 +78,21 @@ class TrainConfig:
             ("save_dtype", self.save_dtype in SAVE_DTYPES, f"one of {SAVE_DTYPES}"),
             ("save_every", self.save_every >= 0, ">= 0"), ("keep_last", self.keep_last >= 0, ">= 0"),
             ("grad_clip", self.grad_clip >= 0, ">= 0"),
+            ("epochs", self.epochs <= MAX_EPOCHS, f"<= {MAX_EPOCHS}"),
+            ("max_frames", self.max_frames is None or 1 <= self.max_frames <= MAX_FRAMES, f"in [1, {MAX_FRAMES}]"),
+            ("max_tiles", self.max_tiles is None or 1 <= self.max_tiles <= MAX_TILES, f"in [1, {MAX_TILES}]"),
+            ("vision_chunk_size", self.vision_chunk_size >= 1, ">= 1"),
+            ("seed", -2**40 <= self.seed <= 2**40, "in [-2**40, 2**40] (it seeds torch.Generator per epoch)"),
             ("context_parallel", not (self.context_parallel and self.packing == "reset"),
              "off with --packing reset (ring attention has no block-diagonal mask; use no-reset)"),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"train: '{name}' must be {want}, got {getattr(self, name)!r}")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"train: --out {self.out} exists and is not a directory")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"train: 'device' must be cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

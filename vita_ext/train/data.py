@@ -26,6 +26,7 @@ from vita_ext.processing.prompt import IGNORE_INDEX, IMAGE_TAG, ROLES, VIDEO_TAG
 
 # reason -> what it means (the order of the final report)
 REASONS = {
+    "invalid_utf8": "the line is not valid UTF-8",
     "invalid_json": "the line is not valid JSON",
     "invalid_record": "not a record with a 'messages' list of {role, content} (or media lists of paths)",
     "empty_conversation": "no message, or every message is empty",
@@ -129,23 +130,26 @@ class JsonlDataset:
         self.root = os.path.dirname(os.path.abspath(self.path))
         self.processor, self.max_frames, self.max_tiles, self.strict = processor, max_frames, max_tiles, strict
         self.report = report if report is not None else DataReport()
-        with open(self.path, encoding="utf-8") as f:
-            self.lines = [line for line in f if line.strip()]
+        self.lines, self.line_numbers = read_lines(self.path)
 
     def __len__(self) -> int:
         return len(self.lines)
 
     def _bad(self, index: int, reason: str, detail: str) -> None:
-        self.report.add(index, reason, detail, f"{os.path.basename(self.path)}: ")
+        self.report.add(index, reason, detail, f"{os.path.basename(self.path)} line {self.line_numbers[index]}, ")
 
     def _resolve(self, p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(self.root, p)
 
     def encode(self, index: int) -> Sample | None:
         """The tokenised record ``index``, or None (counted in the report) when it is bad."""
+        line = self.lines[index]
+        if isinstance(line, UnicodeDecodeError):
+            self._bad(index, "invalid_utf8", f"byte {line.start} ({line.object[line.start:line.start + 1]!r}): {line.reason}")
+            return None
         try:
-            record = json.loads(self.lines[index])
-        except json.JSONDecodeError as exc:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
             self._bad(index, "invalid_json", str(exc))
             return None
         try:
@@ -196,6 +200,25 @@ class JsonlDataset:
         if missing:
             raise _Skip("missing_media", f"not found: {missing[0]}" + (f" (+{len(missing) - 1})" if len(missing) > 1 else ""))
         return messages, images, videos
+
+
+def read_lines(path: str) -> tuple[list, list[int]]:
+    """The non-blank lines of a text file (a UTF-8 BOM is ignored) and their 1-based line numbers. A
+    line that is not valid UTF-8 is kept as its UnicodeDecodeError, so one bad line costs one record."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines, numbers = [], []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            lines.append(exc)
+        numbers.append(lineno)
+    return lines, numbers
 
 
 class _Skip(Exception):

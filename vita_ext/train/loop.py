@@ -23,6 +23,7 @@ from vita_ext.train import checkpoint as ckpt
 from vita_ext.train.config import TrainConfig
 from vita_ext.train.data import JsonlDataset, scan
 from vita_ext.train.packing import PackedBatch, Packer
+from vita_ext.train.plot import read_metrics
 from vita_ext.train.stages import apply_trainable, lr_factor, param_groups
 from vita_ext.train.step import PackedLoss, all_reduce_grads, requires_grad
 
@@ -59,6 +60,7 @@ class Trainer:
     ``cfg.context_parallel``; ignored otherwise). ``log``: where one-line messages go (rank 0 only)."""
 
     def __init__(self, cfg: TrainConfig, group=None, log: Callable[[str], None] | None = None):
+        from vita_ext.model.config import LongVITAConfig
         from vita_ext.model.long_vita import LongVITAForCausalLM
         from vita_ext.processing import LongVITAProcessor
 
@@ -81,6 +83,10 @@ class Trainer:
         self._log = log or (lambda msg: print(f"[vita-ext train] {msg}", file=sys.stderr, flush=True))
         self.amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
 
+        max_positions = LongVITAConfig.from_pretrained(cfg.model).text.max_position_embeddings
+        if cfg.seq_len > max_positions:  # checked before the weights are read
+            raise ValueError(f"train: 'seq_len' {cfg.seq_len} exceeds the model's max_position_embeddings "
+                             f"{max_positions} ({cfg.model}/config.json)")
         self.model = LongVITAForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, device=self.device)
         self.processor = LongVITAProcessor.from_pretrained(cfg.model)
         self.dataset = JsonlDataset(cfg.data, self.processor, cfg.max_frames, cfg.max_tiles, cfg.strict_labels)
@@ -124,7 +130,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             local = self.loss_sum(batch)
-            (local / max(1, supervised)).backward()
+            if local.requires_grad:  # not when nothing trainable is in its graph (text only, projector stage)
+                (local / max(1, supervised)).backward()
             total += local.detach().double()
         if self.cp:
             dist.all_reduce(total, group=self.group)
@@ -161,6 +168,7 @@ class Trainer:
     def save(self) -> str | None:
         path = None
         if self.is_main:
+            self._sync_metrics()
             info = {"config": self.cfg.to_dict(), "total_steps": self.total_steps,
                     "trainable_parameters": self.trainable_counts, "data": self.dataset.report.summary(len(self.dataset))}
             path = ckpt.save_checkpoint(self.cfg.out, self.step, self.model, self.optimizer, self.scheduler,
@@ -193,23 +201,33 @@ class Trainer:
         return os.path.join(self.cfg.out, "metrics.jsonl"), os.path.join(self.cfg.out, "metrics.csv")
 
     def _truncate_metrics(self) -> None:
-        """Keep only the rows up to the resumed step, so the files hold one consistent curve."""
+        """Keep only the rows up to the current step (0 for a fresh run), so the files hold one
+        consistent curve; rewritten atomically. A torn last line (a kill during the append) is dropped."""
         if not self.is_main:
             return
         jsonl, csv_path = self._metric_paths()
-        if not os.path.exists(jsonl):
-            return
-        with open(jsonl, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        rows = [r for r in rows if r["step"] <= self.step]
-        self.history = rows
-        with open(jsonl, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        with open(csv_path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        rows = read_metrics(jsonl) if os.path.exists(jsonl) else []
+        self.history = [r for r in rows if r["step"] <= self.step]
+        for path, write in ((jsonl, self._write_jsonl), (csv_path, self._write_csv)):
+            if not os.path.exists(path) and not self.history:
+                continue
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="" if path == csv_path else None, encoding="utf-8") as f:
+                write(f, self.history)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+    @staticmethod
+    def _write_jsonl(f, rows) -> None:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+    @staticmethod
+    def _write_csv(f, rows) -> None:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
 
     def _write_metrics(self, row: dict) -> None:
         self.history.append(row)
@@ -225,6 +243,14 @@ class Trainer:
                 w.writeheader()
             w.writerow(row)
 
+    def _sync_metrics(self) -> None:
+        """Flush the metric files to disk before a checkpoint records that their rows exist."""
+        if self.is_main:
+            for path in self._metric_paths():
+                if os.path.exists(path):
+                    with open(path, "rb+") as f:
+                        os.fsync(f.fileno())
+
     # ---------------------------------------------------------------------------------- train
     def describe(self) -> str:
         c = self.cfg
@@ -239,17 +265,18 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             os.makedirs(cfg.out, exist_ok=True)
-            ckpt.remove_stale_temporaries(cfg.out)
+            ckpt.recover(cfg.out)
         if self.cp:
             dist.barrier(group=self.group)
+        resumed = None
         if cfg.resume:
-            path = ckpt.latest_checkpoint(cfg.out) if cfg.resume == "auto" else cfg.resume
-            if path is None:
+            resumed = ckpt.latest_checkpoint(cfg.out, warn=self.is_main) if cfg.resume == "auto" else cfg.resume
+            if resumed is None:
                 if self.is_main:
                     self._log(f"--resume auto: no complete checkpoint in {cfg.out}; starting fresh")
             else:
-                self.resume(path)
-        elif self.is_main and os.path.exists(self._metric_paths()[0]):
+                self.resume(resumed)
+        if resumed is None:
             self._truncate_metrics()  # a fresh run over an old output directory: start the curve again
         if self.is_main:
             self._log(self.describe())
@@ -259,7 +286,10 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
                        dynamic_ncols=True)
-        last_saved = None
+        # a run resumed at its end keeps the checkpoint it resumed from (saving it again gains nothing)
+        here = os.path.join(cfg.out, f"checkpoint-{self.step}")
+        last_saved = resumed if resumed is not None and self.step >= self.total_steps and \
+            os.path.abspath(resumed) == os.path.abspath(here) else None
         while self.step < self.total_steps:
             batches = [self.packer.next_batch() for _ in range(cfg.grad_accum)]
             row = self.train_step(batches)
@@ -299,9 +329,8 @@ class Trainer:
             tmp = tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=self.cfg.out)
             try:
                 save_pretrained(model, tmp, generation_config=_generation_config(self.cfg.model))
-                if os.path.exists(path):
-                    shutil.rmtree(path)
-                os.rename(tmp, path)
+                ckpt._fsync_tree(tmp)
+                ckpt.install(tmp, path)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

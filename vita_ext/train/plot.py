@@ -4,18 +4,49 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
+
+
+class MetricsWarning(UserWarning):
+    """A line of a metrics file could not be read and was dropped."""
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Rows of a metrics.jsonl / metrics.csv file, or of OUT/metrics.jsonl for an output directory."""
+    """Rows of a metrics.jsonl / metrics.csv file, or of OUT/metrics.jsonl for an output directory.
+
+    A line that is not a JSON object with an integer "step" is dropped: silently when it is the
+    unterminated last line (a run killed while appending), with a ``MetricsWarning`` naming the file
+    and line otherwise. Raises FileNotFoundError, or ValueError for a CSV value that is not a number."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no metrics file: {path}")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".csv"):
-            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".csv"):
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            rows = []
+            for lineno, row in enumerate(csv.DictReader(f), start=2):
+                try:
+                    rows.append({k: float(v) for k, v in row.items() if k is not None and v not in ("", None)})
+                except ValueError as exc:
+                    raise ValueError(f"{path} line {lineno}: not a number ({exc})") from exc
+            return rows
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    rows = []
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                raise ValueError("not a metrics row")
+        except ValueError as exc:
+            if lineno < len(lines):  # a complete line (terminated by a newline) that is bad
+                warnings.warn(f"{path} line {lineno}: dropped ({exc})", MetricsWarning, stacklevel=2)
+            continue
+        rows.append(row)
+    return rows
 
 
 def plot_runs(paths: list[str], out: str, labels: list[str] | None = None, smooth: int = 1) -> str:

@@ -117,9 +117,10 @@ def test_masked_linear_cross_entropy(emu, order, dtype, reduction, monkeypatch):
     cot = [rand(23) if reduction == "none" else rand(())]
     fn = lambda a, b: vita_ext.masked_linear_cross_entropy(a, b, labels, reduction=reduction)  # noqa: E731
     cpu, cuda = both(emu, order, lambda: grads(fn, (h, w), cot))
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # The loss at the inputs' tolerance too: the CPU twin's GEMM runs in the input dtype (bf16/fp16 logits,
+    # as plain PyTorch's F.linear), the CUDA kernel keeps fp32 logits; each passes the 2x rule on its own.
     for name, a, c in zip(("loss", "dh", "dw"), cpu, cuda):
-        close(a, c, acc if name == "loss" else dtype, name)
+        close(a, c, dtype, name)
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -153,6 +153,10 @@ inline float __sinf(float x) { return std::sin(x); }
 inline float __cosf(float x) { return std::cos(x); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float __saturatef(float x) { return x != x ? 0.0f : (x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x)); }
+// CUDA declares isnan / isinf / isfinite for float and double in the global namespace.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 inline float normcdff(float x) { return 0.5f * std::erfc(-x * 0.70710678118654752440f); }
 inline double normcdf(double x) { return 0.5 * std::erfc(-x * 0.70710678118654752440); }
 

@@ -156,7 +156,7 @@ def run_config(b: Bench, args, hq, hkv, d, seqlens, decode_len, modes, peak, nam
         runs = {name: grad_fn(fn, (0, 1, 2)) if backward else fn for name, fn in providers.items()
                 if usable(name, sq, sk, x)}
         # CPU: interleaved rounds and paired ratios (Bench.time_group); CUDA: events per provider
-        b.time_group(mode, x, runs, sets, ours=("ours", "ours_vita"), flops=flops, nbytes=nbytes)
+        b.time_group(mode, x, runs, sets, ours=("ours", "ours_vita", "ours_flash"), flops=flops, nbytes=nbytes)
         if b.device.type == "cuda":
             for name, run in runs.items():
                 b.memory(name, mode, x, lambda: run(*sets[0]))

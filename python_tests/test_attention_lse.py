@@ -154,9 +154,12 @@ def _check_backward(q, k, v, dtype, causal, scale=None, cu=None, backend="vita",
                                                             backend=backend), *cast, go)
     plain = _grads(lambda *a: R.attention_lse(*a, causal, scale, cu), *cast, go, gl)
     ref = _grads(lambda *a: R.attention_lse(*a, causal, scale, cu), *(t.double() for t in cast), go, gl)
+    # Forced-only (auto never picks it): PyTorch's fp32 CPU flash backward, SDPA's own error (measured up to
+    # ~5x plain PyTorch's), so it is held to a looser bound.
+    forced_only = why_not(backend, AttentionCall(q.device.type, dtype, d, cu is not None, True), auto=True)
     for name, o, p, r, x in zip(("dq", "dk", "dv"), ours, plain, ref, cast):
         assert o.dtype == dtype and o.shape == x.shape
-        assert_2x_rule(o, p, r, name)
+        assert_2x_rule(o, p, r, name, factor=8.0 if forced_only and not lse_grad else 2.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

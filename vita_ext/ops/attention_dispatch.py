@@ -9,7 +9,7 @@ GQA, ``cu_seqlens`` varlen, out = 0 / lse = -inf for rows that see no key):
 - ``flash``: PyTorch's own flash kernels, no extra dependency. CUDA: ``aten._flash_attention_forward``
   / ``_backward`` (FlashAttention-2; varlen; a split-KV kernel for Sq = 1), same limits as above. CPU:
   ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (bf16/fp16, and fp32 without
-  gradients: its fp32 backward measured ~2x plain PyTorch's error, past the project's accuracy rule;
+  gradients unless forced: its fp32 backward measured ~2x plain PyTorch's error, past the project's accuracy rule;
   bottom-right causal and varlen made of top-left-causal calls, see ``flash_attention.py``).
 - ``vita``: vita_ext's own kernels (``csrc/``): fp64, any head_dim up to 256, every layout; the only
   backward that takes a gradient w.r.t. lse.
@@ -107,8 +107,14 @@ def _aten_flash_cuda_built() -> bool:
     return bool(fn()) if fn is not None else torch.version.cuda is not None
 
 
-def why_not(backend: str, call: AttentionCall) -> str | None:
-    """None when ``backend`` can serve ``call``, else the reason it cannot (one line)."""
+FP32_CPU_GRAD_NOTE = ("at fp32, PyTorch's CPU flash backward has ~2x the error of plain PyTorch attention (the "
+                      "project's accuracy rule allows at most 2x), so automatic selection runs fp32 CPU training on "
+                      "the vita kernels; forcing backend 'flash' gives SDPA's own speed and error")
+
+
+def why_not(backend: str, call: AttentionCall, auto: bool = False) -> str | None:
+    """None when ``backend`` can serve ``call``, else the reason it cannot (one line). ``auto``: whether the
+    automatic choice may pick it (stricter: it also keeps the project's accuracy rule)."""
     if backend == "vita":
         return None if call.device_type in ("cpu", "cuda") else f"vita kernels run on CPU and CUDA, not {call.device_type}"
     if call.dtype == torch.float64 and backend in ("flash", "flash_attn"):
@@ -117,9 +123,8 @@ def why_not(backend: str, call: AttentionCall) -> str | None:
         if call.device_type == "cpu":
             if call.dtype not in _FLASH_DTYPES_CPU:
                 return f"PyTorch's CPU flash attention takes fp32/bf16/fp16, got {call.dtype}"
-            if call.dtype == torch.float32 and call.needs_grad:
-                return ("at fp32, PyTorch's CPU flash backward has ~2x the error of plain PyTorch attention (the "
-                        "project's accuracy rule allows at most 2x), so fp32 CPU training runs the vita kernels")
+            if auto and call.dtype == torch.float32 and call.needs_grad:
+                return FP32_CPU_GRAD_NOTE
             return None
         if call.device_type == "cuda":
             if not _aten_flash_cuda_built():
@@ -163,7 +168,7 @@ def _select(call: AttentionCall, name: str) -> str:  # cached: decode asks once 
     if call.dtype == torch.float64:
         return "vita"
     for name in BACKENDS:
-        if why_not(name, call) is None:
+        if why_not(name, call, auto=True) is None:
             return name
     return "vita"
 
@@ -193,6 +198,10 @@ def attention_backends(device: str | torch.device = "cpu", dtype: torch.dtype = 
         if name == "flash_attn" and reason is None:
             reason = ""
             table[name] = {"available": True, "reason": flash_attn_module()[1]}
+            continue
+        if reason is None and why_not(name, call, auto=True) is not None:
+            reason = ""
+            table[name] = {"available": True, "reason": "only when forced: " + why_not(name, call, auto=True)}
             continue
         table[name] = {"available": reason is None, "reason": reason or ""}
     try:

@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
 from vita_ext._build import require_kernels
 from vita_ext.ops import flash_attention as fa
@@ -55,14 +54,14 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax
     check_qkv("attention_lse", q, k, v)
     scale = _scale(q, softmax_scale)
     name = select_backend(call_of(q, k, v, cu_seqlens), backend)
+    if name == "flash" and fa.non_finite_on_host(q):
+        name = "vita"  # PyTorch's CPU flash kernel gives a query row holding NaN or -inf out = 0 and lse = 0
     BACKEND_CALLS[name] += 1
     if name == "vita":
         return torch.ops.vita_ext.attention_lse(q, k, v, bool(causal), scale, cu_seqlens, _opt_int(max_seqlen))
     cu, max_seqlen = _varlen_args(q, k, cu_seqlens, max_seqlen)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        out, lse, used = _exact_forward(name, q, k, v, bool(causal), scale, cu, max_seqlen)  # no autograd node
-        _count_fallback(name, used)
-        return out, lse
+        return _flash_forward(name, q, k, v, bool(causal), scale, cu, max_seqlen)  # inference: no autograd node
     return _FlashAttentionLSE.apply(q, k, v, bool(causal), scale, cu, max_seqlen, name)
 
 
@@ -90,8 +89,6 @@ def attention_lse_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     check_backward_args("attention_lse_backward", grad_out, grad_lse, q, k, v, out, lse)
     scale = _scale(q, softmax_scale)
     name = select_backend(call_of(q, k, v, cu_seqlens, backward=True), backend)
-    if _checked_on_host(q) and not all(bool(torch.isfinite(t).all()) for t in (grad_out, q, k, v, out)):
-        name = "vita"  # the spec's NaN/Inf contract (see _exact_forward)
     if name == "vita" or grad_lse is not None:
         return torch.ops.vita_ext.attention_lse_backward(grad_out, grad_lse, q, k, v, out, lse, bool(causal), scale,
                                                          cu_seqlens, _opt_int(max_seqlen))
@@ -234,36 +231,13 @@ def _flash_forward(name, q, k, v, causal, scale, cu, max_seqlen):
     if q.numel() == 0 or k.shape[1] == 0:
         return fa._empty_result(q)
     if q.device.type == "cpu":
-        return fa.flash_cpu_forward(q, k, v, causal, scale, cu)
+        out, lse = fa.flash_cpu_forward(q, k, v, causal, scale, cu)
+        return fa.nan_rows_cpu(out, lse), lse
     if name == "flash_attn":
         out, lse = fa.flash_attn_forward(q, k, v, causal, scale, cu, max_seqlen)
     else:
         out, lse = fa.flash_cuda_forward(q, k, v, causal, scale, cu, max_seqlen)
     return fa.nan_rows(out, lse), lse
-
-
-def _checked_on_host(q: Tensor) -> bool:
-    """Whether a CPU flash call's inputs and results can be inspected (not while tracing or faking)."""
-    return q.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(q, FakeTensor)
-
-
-def _exact_forward(name, q, k, v, causal, scale, cu, max_seqlen):
-    """A flash forward with the NaN/Inf contract of the spec: PyTorch's CPU flash kernel can hide a NaN
-    (bf16 with an infinite key gives out = 0) or spread one into pairs the mask hides (0 * NaN in a partly
-    masked tile), and gives lse = 0 to a row whose scores are all -inf. Its results are checked (one pass
-    over q, out and lse: cheap beside the attention) and a poisoned call is redone by the vita kernels.
-    Returns (out, lse, the backend whose results these are)."""
-    host = _checked_on_host(q)
-    if host and not bool(torch.isfinite(q).all()):
-        name = "vita"
-    else:
-        out, lse = _flash_forward(name, q, k, v, causal, scale, cu, max_seqlen)
-        if not (host and fa.poisoned(out, lse)):
-            return out, lse, name
-        name = "vita"
-    cu_t = torch.tensor(cu, dtype=torch.int64) if isinstance(cu, list) else cu
-    out, lse = torch.ops.vita_ext.attention_lse(q, k, v, causal, scale, cu_t, max_seqlen)
-    return out, lse, name
 
 
 def _flash_backward(name, dout, q, k, v, out, lse, causal, scale, cu, max_seqlen):
@@ -280,10 +254,9 @@ class _FlashAttentionLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, cu, max_seqlen, name):
-        out, lse, used = _exact_forward(name, q, k, v, causal, scale, cu, max_seqlen)
-        _count_fallback(name, used)
+        out, lse = _flash_forward(name, q, k, v, causal, scale, cu, max_seqlen)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, cu, max_seqlen, used)
+        ctx.args = (causal, scale, cu, max_seqlen, name)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -295,19 +268,13 @@ class _FlashAttentionLSE(torch.autograd.Function):
             return (None,) * 8
         if dout is None:
             dout = torch.zeros_like(out)
-        if dlse is not None or name == "vita" or (_checked_on_host(q) and not bool(torch.isfinite(dout).all())):
+        if dlse is not None:
             cu_t = torch.tensor(cu, dtype=torch.int64) if isinstance(cu, list) else cu
             dq, dk, dv = torch.ops.vita_ext.attention_lse_backward(dout, dlse, q, k, v, out, lse, causal, scale, cu_t,
                                                                    max_seqlen)
         else:
             dq, dk, dv = _flash_backward(name, dout, q, k, v, out, lse, causal, scale, cu, max_seqlen)
         return dq, dk, dv, None, None, None, None, None
-
-
-def _count_fallback(chosen: str, used: str) -> None:
-    if used != chosen:  # the report of what ran stays true
-        BACKEND_CALLS[chosen] -= 1
-        BACKEND_CALLS[used] += 1
 
 
 # ------------------------------------------------------------------------ the vita op's registrations

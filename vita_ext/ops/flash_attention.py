@@ -24,7 +24,7 @@ import math
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from vita_ext.ops.attention_dispatch import flash_attn_module
 from vita_ext.ops.merge_attention import merge_attention_
@@ -124,10 +124,28 @@ def nan_rows(out: Tensor, lse: Tensor) -> Tensor:
     return out.masked_fill(torch.isnan(lse).transpose(1, 2).unsqueeze(-1), math.nan)
 
 
-def poisoned(out: Tensor, lse: Tensor) -> bool:
-    """Whether a CPU flash result shows a non-finite input (then the vita kernels redo the call): a NaN or
-    Inf in out, or an lse that is NaN or +inf (-inf is a row that sees no key). Syncs: CPU only."""
-    return not bool(torch.isfinite(out).all()) or bool((torch.isnan(lse) | torch.isposinf(lse)).any())
+def non_finite_on_host(q: Tensor) -> bool:
+    """Whether a CPU tensor holds a NaN or an Inf (one reduction: a NaN or Inf always reaches the sum, and
+    an fp32 sum that overflows only sends the call to the exact kernels). False for CUDA tensors (no host
+    sync), fake tensors and while tracing."""
+    if q.device.type != "cpu" or q.numel() == 0 or torch.compiler.is_compiling() or isinstance(q, FakeTensor):
+        return False
+    return not bool(torch.isfinite(q.sum(dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)))
+
+
+def nan_rows_cpu(out: Tensor, lse: Tensor) -> Tensor:
+    """out with NaN in every row whose lse is NaN or +inf: PyTorch's CPU flash kernel returns out = 0 for a
+    bf16 row whose scores reach +inf (an infinite key), which would hide it. One look at the small lse
+    (one sync, CPU only); out is touched only when a row is poisoned."""
+    if lse.numel() == 0:
+        return out
+    bad = lambda: (torch.isnan(lse) | torch.isposinf(lse)).transpose(1, 2).unsqueeze(-1)  # noqa: E731
+    if torch.compiler.is_compiling() or isinstance(lse, FakeTensor):
+        return out.masked_fill(bad(), math.nan)  # traced: no data-dependent branch
+    top = lse.amax()
+    if not bool(torch.isnan(top) | torch.isposinf(top)):
+        return out
+    return out.masked_fill(bad(), math.nan)
 
 
 def _varlen_lse(lse: Tensor, cu32: Tensor, total: int) -> Tensor:

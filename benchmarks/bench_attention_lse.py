@@ -118,7 +118,9 @@ def run_config(b: Bench, args, hq, hkv, d, seqlens, decode_len, modes, peak, nam
                  "sdpa": sdpa_provider(b, "FLASH_ATTENTION"), "eager": eager,
                  "compile": b.compiled(eager) if b.compile_on else None}
     if args.providers is None:  # by default: the backends this device has; on the CPU, ours vs SDPA
-        keep = ("ours", "sdpa", "ours_vita") if cpu and not args.quick else None
+        # fp32 training: ours = the vita kernels (accuracy rule); ours_flash = PyTorch's kernel, forced
+        keep = ("ours", "sdpa", "ours_vita") + (("ours_flash",) if b.dtype == torch.float32 else ()) \
+            if cpu and not args.quick else None
         providers = {k: v for k, v in providers.items()
                      if (keep is None or k in keep)
                      and (k not in ("ours_flash", "ours_vita", "ours_flash_attn")
@@ -129,13 +131,17 @@ def run_config(b: Bench, args, hq, hkv, d, seqlens, decode_len, modes, peak, nam
     providers = {k: v for k, v in providers.items() if v is not None}
     materialising = ("eager", "compile")
 
-    def usable(name, sq, sk, x):
+    def usable(name, sq, sk, x, mode=None):
         if name in materialising and not fits_materialised(b, sq, sk, hq):
             if b.wants(name):
                 b.note(f"{name} skipped at {x}: the [Hq, Sq, Sk] scores cannot fit in device memory")
             return False
-        # the old kernel is shown beside ours at the small size only (on the CPU it runs fp32 training anyway)
-        return not (cpu and not args.quick and args.providers is None and name == "ours_vita" and sq > 2048)
+        # the old kernel is shown beside ours at the small size only (on the CPU it runs fp32 training anyway);
+        # forced flash only where it differs from ours (fp32 fwd+bwd)
+        default_cpu = cpu and not args.quick and args.providers is None
+        if default_cpu and name == "ours_flash" and mode != "fwd_bwd":
+            return False
+        return not (default_cpu and name == "ours_vita" and sq > 2048)
 
     def label(x):
         return b.label(f"{x} d={d}" if name_d else x)
@@ -146,7 +152,7 @@ def run_config(b: Bench, args, hq, hkv, d, seqlens, decode_len, modes, peak, nam
         first = sets[0]
         ref_out, ref_lse = ours(*first)
         for name, fn in providers.items():
-            if name != "ours" and usable(name, sq, sk, x):
+            if name != "ours" and usable(name, sq, sk, x, mode):
                 b.check(name, x, lambda: fn(*first)[0] if name in materialising else fn(*first), ref_out)
         if "eager" in providers and usable("eager", sq, sk, x):
             b.check("eager", f"{x} (lse)", lambda: eager(*first)[1], ref_lse, tol=1e-3)
@@ -154,7 +160,7 @@ def run_config(b: Bench, args, hq, hkv, d, seqlens, decode_len, modes, peak, nam
         if backward:
             sets = [tuple(leaf(t) for t in s) + (torch.randn_like(s[0]),) for s in sets]
         runs = {name: grad_fn(fn, (0, 1, 2)) if backward else fn for name, fn in providers.items()
-                if usable(name, sq, sk, x)}
+                if usable(name, sq, sk, x, mode)}
         # CPU: interleaved rounds and paired ratios (Bench.time_group); CUDA: events per provider
         b.time_group(mode, x, runs, sets, ours=("ours", "ours_vita", "ours_flash"), flops=flops, nbytes=nbytes)
         if b.device.type == "cuda":

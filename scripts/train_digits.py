@@ -57,13 +57,13 @@ STAGES = {
     # stage 0: text only (stands in for the pretrained LLM; see digits.py), run with stage 2's settings
     # and only the LLM trainable: the digits' words, then word lists read and searched, N growing 1 -> 256
     0: (dict(stage=2, trainable="llm+projector", seq_len=2048, lr=3e-3, min_lr=3e-5),
-        Mix(repeats=1, phases=(Phase(1, 3, 40), Phase(1, 8, 80), Phase(1, 16, 200), Phase(1, 64, 150),
+        Mix(repeats=1, phases=(Phase(1, 3, 40), Phase(1, 8, 80), Phase(1, 16, 350), Phase(1, 64, 150),
                                Phase(8, 256, 60)))),
     1: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=150), Mix(repeats=2)),
     2: (dict(seq_len=1024, lr=2e-3, min_lr=2e-5), Mix(repeats=6, phases=(Phase(1, 64, 400),))),
     # packing "reset" instead of the preset's "no-reset": see the module doc
     3: (dict(seq_len=2048, lr=1e-3, min_lr=1e-5, packing="reset"),
-        Mix(phases=(Phase(1, 16, 100), Phase(1, 64, 200)), video_share=0.2, single_share=0.1)),
+        Mix(phases=(Phase(1, 16, 200), Phase(1, 64, 200)), video_share=0.2, single_share=0.1)),
     4: (dict(seq_len=2048, lr=5e-4, min_lr=5e-6, packing="reset"),
         Mix(phases=(Phase(16, 256, 150),), video_share=0.2, single_share=0.1)),
 }

@@ -86,7 +86,10 @@ def make_extension():
     # at::parallel_for only runs in parallel when the caller is compiled with OpenMP (ATen/Parallel-inl.h
     # checks _OPENMP); without it every CPU kernel would run on one core.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3"] + openmp
+    # -fno-trapping-math (as torch's own build): lets the compiler turn the kernels' float comparisons
+    # (NaN-preserving clamps, selects) into vector blends; NaN/Inf values are unaffected, only FP
+    # exception flags, which nothing here reads.
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno"] + openmp
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
                   "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__"]

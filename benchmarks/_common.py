@@ -28,8 +28,10 @@ from harness import Row  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Providers whose failure (a peer's bug, an inductor crash) is noted and skipped instead of aborting the run.
-TOLERANT_PREFIXES = ("compile", "liger", "sdpa_cudnn")
+TOLERANT_PREFIXES = ("compile", "liger", "sdpa_cudnn", "ours_")  # ours_<backend>: a backend may refuse a case
 MIN_REPS = 5
+GROUP_SECONDS = 6.0  # CPU time_group: rounds of a cheap measurement fill about this long
+MAX_ROUNDS = 200
 
 
 def parser(description: str):
@@ -244,6 +246,77 @@ class Bench:
         gbps = harness.copy_gbps(nbytes, self.device, reps=reps)
         self.row("ceiling", "copy", "gbps", "GB/s", f"{nbytes / 1e6:.4g}MB", gbps)
         return gbps
+
+    # ------------------------------------------------------------------------------ CPU runs
+    @property
+    def cpu_sizes(self) -> bool:
+        """A full (not --quick) run on the CPU: the scripts use their CPU sizes (issue 12)."""
+        return self.device.type == "cpu" and not self.args.quick
+
+    def label(self, x: str) -> str:
+        """The x of a row. CPU runs cover several dtypes in one CSV, so their rows name the dtype."""
+        return f"{x} {self.args.dtype}" if self.device.type == "cpu" else x
+
+    def time_group(self, mode: str, x: str, fns: dict[str, Callable], inputs: Sequence[tuple] = ((),),
+                   ours: Sequence[str] = ("ours",), flops: float | None = None,
+                   nbytes: float | None = None) -> None:
+        """Time several providers of one measurement and record each one's rows plus speedup rows.
+
+        On the CPU (a shared machine whose load changes from second to second) the providers run
+        interleaved, one call each per round in rotating order (--reps rounds, more for a cheap
+        measurement: about GROUP_SECONDS, at most MAX_ROUNDS), so all of them see the same load; each
+        provider in ``ours`` gets ``speedup_vs_<other>`` = the median over rounds of other's time / its
+        time in the same round (a paired ratio, within one run). On CUDA each provider is timed in turn
+        with CUDA events (``time``) and the speedups are ratios of the medians.
+        """
+        fns = {k: v for k, v in fns.items() if v is not None and self.wants(k)}
+        if self.device.type == "cuda":
+            for name, fn in fns.items():
+                self.time(name, mode, x, fn, inputs, flops=flops, nbytes=nbytes)
+            for mine in ours:
+                for other in fns:
+                    if other != mine:
+                        self.speedup(mode, x, mine, other)
+            return
+        inputs = list(inputs)
+        ok = {}
+        for name, fn in fns.items():  # warm-up (and compile) each; a failing tolerant provider is dropped
+            if self._guard(name, f"{mode} {x}", lambda: [fn(*inputs[i % len(inputs)]) for i in range(2)]) is not None:
+                ok[name] = fn
+        names = list(ok)
+        # At least --reps rounds; cheap measurements get more (about GROUP_SECONDS of rounds, at most
+        # MAX_ROUNDS): on a busy machine a few rounds of a millisecond op are mostly scheduler noise.
+        t0 = time.perf_counter()
+        for name in names:
+            ok[name](*inputs[0])
+        one_round = time.perf_counter() - t0
+        rounds = self.reps if self.args.quick else max(self.reps, min(MAX_ROUNDS, int(GROUP_SECONDS / max(one_round, 1e-6))))
+        # ... and expensive ones fewer: --max-seconds per provider for the whole group, never below MIN_REPS.
+        budget = self.args.max_seconds * len(names)
+        if not self.args.quick and rounds * one_round > budget:
+            rounds = max(MIN_REPS, int(budget / max(one_round, 1e-6)))
+            self.note(f"{mode} {x}: {one_round:.1f} s per round, {rounds} rounds to fit --max-seconds "
+                      f"{self.args.max_seconds:g} per provider")
+        samples: dict[str, list[float]] = {k: [] for k in names}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                t0 = time.perf_counter()
+                ok[name](*inputs[r % len(inputs)])
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+        for name in names:
+            p20, p50, p80 = harness.quantiles(samples[name])
+            self.row(name, mode, "time", "ms", x, p20, p50, p80)
+            if flops:
+                self.row(name, mode, "tflops", "TFLOP/s", x, *(flops / (t * 1e-3) / 1e12 for t in (p80, p50, p20)))
+            if nbytes:
+                self.row(name, mode, "gbps", "GB/s", x, *(nbytes / (t * 1e-3) / 1e9 for t in (p80, p50, p20)))
+        for mine in (m for m in ours if m in samples):
+            for other in names:
+                if other == mine:
+                    continue
+                ratios = [b / a for a, b in zip(samples[mine], samples[other])]
+                self.row(mine, mode, f"speedup_vs_{other}", "x", x, *harness.quantiles(ratios))
 
     def speedup(self, mode: str, x: str, provider: str, baseline: str) -> None:
         """Record baseline's p50 time / provider's p50 time as metric ``speedup_vs_<baseline>``."""

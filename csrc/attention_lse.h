@@ -47,8 +47,9 @@ VITA_HD void row_range(const MaskSpec& m, int64_t i, int64_t& lo, int64_t& hi) {
       const int64_t mid = (a + b + 1) / 2;
       if (m.cu[mid] <= i) a = mid; else b = mid - 1;
     }
-    lo = m.cu[a];
-    hi = m.cu[a + 1];
+    // Clamped: offsets trusted without a host check (max_seqlen given) can never index outside [0, sk).
+    lo = m.cu[a] < 0 ? 0 : (m.cu[a] > m.sk ? m.sk : m.cu[a]);
+    hi = m.cu[a + 1] > m.sk ? m.sk : m.cu[a + 1];
   }
   if (m.causal) {
     const int64_t cap = i + m.sk - m.sq + 1;
@@ -111,11 +112,24 @@ inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, 
               hq, " heads of 'q', got shape ", shape_str(k));
 }
 
-// Validates cu_seqlens and returns it as host int64 offsets (empty without packing). The copy to the
-// host is one small transfer; it lets every later check and every tile bound be exact.
+// True when cu_seqlens stays on the device unchecked: a CUDA tensor with the caller's max_seqlen (the
+// caller validated the offsets once per batch, e.g. the packer; the kernels clamp them to [0, Sk)).
+inline bool trusted_device_cu(const c10::optional<at::Tensor>& cu_opt, c10::optional<int64_t> max_seqlen) {
+  return cu_opt.has_value() && cu_opt->defined() && cu_opt->is_cuda() && max_seqlen.has_value();
+}
+// (A CPU cu_seqlens, or one without max_seqlen, is always copied to the host and checked.)
+
+// Validates cu_seqlens and returns it as host int64 offsets (empty without packing, or when the offsets
+// are trusted on the device: then only what needs no values is checked). The copy to the host is one
+// small transfer (a sync on CUDA); it lets every later check and every tile bound be exact.
 inline std::vector<int64_t> check_cu_seqlens(const char* op, const c10::optional<at::Tensor>& cu_opt,
-                                             const at::Tensor& q, const at::Tensor& k) {
+                                             const at::Tensor& q, const at::Tensor& k,
+                                             c10::optional<int64_t> max_seqlen = c10::nullopt) {
   std::vector<int64_t> host;
+  if (max_seqlen.has_value()) {
+    TORCH_CHECK(*max_seqlen >= 0 && *max_seqlen <= q.size(1), op, ": argument 'max_seqlen' must be in [0, ",
+                q.size(1), "] (the sequence length of 'q'), got ", *max_seqlen);
+  }
   if (!cu_opt.has_value() || !cu_opt->defined()) return host;
   const at::Tensor& cu = *cu_opt;
   TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
@@ -126,6 +140,7 @@ inline std::vector<int64_t> check_cu_seqlens(const char* op, const c10::optional
               shape_str(q));
   TORCH_CHECK(q.size(1) == k.size(1), op, ": argument 'cu_seqlens' requires Sq == Sk, got 'q' of shape ",
               shape_str(q), " and 'k' of shape ", shape_str(k));
+  if (trusted_device_cu(cu_opt, max_seqlen) && q.is_cuda()) return host;
   const at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
   host.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
   TORCH_CHECK(host.front() == 0, op, ": argument 'cu_seqlens' must start at 0, got ", host.front());
@@ -139,15 +154,16 @@ inline std::vector<int64_t> check_cu_seqlens(const char* op, const c10::optional
 }
 
 inline std::vector<int64_t> check_attention_lse_args(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v, const c10::optional<at::Tensor>& cu) {
+                                                     const at::Tensor& v, const c10::optional<at::Tensor>& cu,
+                                                     c10::optional<int64_t> max_seqlen = c10::nullopt) {
   check_qkv(op, q, k, v);
-  return check_cu_seqlens(op, cu, q, k);
+  return check_cu_seqlens(op, cu, q, k, max_seqlen);
 }
 
 inline std::vector<int64_t> check_attention_lse_backward_args(
     const char* op, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const c10::optional<at::Tensor>& cu) {
+    const c10::optional<at::Tensor>& cu, c10::optional<int64_t> max_seqlen = c10::nullopt) {
   check_qkv(op, q, k, v);
   const at::ScalarType ld = lse_dtype(q.scalar_type());
   const std::vector<int64_t> lse_shape = {q.size(0), q.size(2), q.size(1)};
@@ -168,20 +184,26 @@ inline std::vector<int64_t> check_attention_lse_backward_args(
     check_same_device(op, *grad_lse, "grad_lse", q, "q");
     check_shape(op, *grad_lse, "grad_lse", lse_shape, "[B, Hq, Sq] of 'q'");
   }
-  return check_cu_seqlens(op, cu, q, k);
+  return check_cu_seqlens(op, cu, q, k, max_seqlen);
 }
 
-// Host offsets -> the MaskSpec the kernels read; `cu_dev` keeps the device copy alive.
+// Offsets -> the MaskSpec the kernels read: the checked host offsets (uploaded), or the trusted device
+// tensor itself (converted to int64 on the device, no sync). `cu_dev` keeps the device copy alive.
 inline MaskSpec make_mask(const at::Tensor& q, const at::Tensor& k, bool causal, const std::vector<int64_t>& cu_host,
-                          at::Tensor& cu_dev) {
+                          at::Tensor& cu_dev, const c10::optional<at::Tensor>& cu_opt = c10::nullopt,
+                          c10::optional<int64_t> max_seqlen = c10::nullopt) {
   MaskSpec m;
   m.sq = q.size(1);
   m.sk = k.size(1);
   m.causal = causal;
   if (!cu_host.empty()) {
     cu_dev = at::tensor(cu_host, at::TensorOptions().dtype(at::kLong)).to(q.device());
+  } else if (trusted_device_cu(cu_opt, max_seqlen)) {
+    cu_dev = cu_opt->to(at::kLong).contiguous();
+  }
+  if (cu_dev.defined()) {
     m.cu = cu_dev.data_ptr<int64_t>();
-    m.nseg = static_cast<int64_t>(cu_host.size()) - 1;
+    m.nseg = cu_dev.numel() - 1;
   }
   return m;
 }

@@ -22,16 +22,21 @@ inline void check_args(const at::Tensor& hidden, const at::Tensor& weight, const
   check_size(kOp, weight, "weight", 1, hidden.size(1), "the hidden size H of 'hidden_states'");
 }
 
-// Checks every position is in [-T, T) and returns them wrapped into [0, T) (Python indexing).
-// One host sync (a 2-element copy) on CUDA: a bad index would otherwise read out of bounds.
-inline at::Tensor normalize_positions(const at::Tensor& positions, int64_t T) {
-  if (positions.numel() == 0) return positions.contiguous();
-  auto mm = at::aminmax(positions);
-  auto host = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
-  const int64_t lo = host[0].item<int64_t>(), hi = host[1].item<int64_t>();
-  TORCH_CHECK(lo >= -T && hi < T, kOp, ": argument 'positions' must hold row indices in [-T, T) with T = ", T,
-              " (the rows of 'hidden_states'), got ", (lo < -T ? lo : hi));
-  return at::where(positions < 0, positions + T, positions).contiguous();
+// CPU: checks every position is in [-T, T) and returns them wrapped into [0, T) (Python indexing). The
+// positions are read where they are, on the host: no device transfer. (The CUDA kernel wraps and checks
+// on the device instead, without a host sync: an out-of-range position gives a row of NaN logits.)
+inline at::Tensor normalize_positions_cpu(const at::Tensor& positions, int64_t T) {
+  const auto pos = positions.contiguous();
+  auto out = at::empty_like(pos);
+  const int64_t* src = pos.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (int64_t k = 0; k < pos.numel(); ++k) {
+    const int64_t p = src[k];
+    TORCH_CHECK(p >= -T && p < T, kOp, ": argument 'positions' must hold row indices in [-T, T) with T = ", T,
+                " (the rows of 'hidden_states'), got ", p, " at index ", k);
+    dst[k] = p < 0 ? p + T : p;
+  }
+  return out;
 }
 
 }  // namespace lm_head

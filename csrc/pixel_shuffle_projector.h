@@ -12,6 +12,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <cstdint>
 
 #include "checks.h"
@@ -116,6 +117,60 @@ inline PspDims check_pixel_shuffle_projector_backward_args(const char* op, const
   check_shape(op, grad_y, "grad_y", {d.N, d.T, d.D2}, "[N, L/4, D2], the forward output's shape");
   return d;
 }
+
+// The accumulation dtype of the LayerNorm statistics and the parameter gradients: fp32, fp64 for fp64.
+inline at::ScalarType psp_acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Activations saved by the forward (save_activations) for the backward; see csrc/vita_ext.cpp.
+struct PspSaved {
+  at::Tensor xn, h, g, stats;  // [M, 4C], [M, D1], [M, D1] in x's dtype; [2, M] (mean, rstd) acc dtype
+  bool present = false;
+};
+
+inline void psp_check_saved_one(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                                at::ScalarType dtype, const at::Tensor& x, const char* what) {
+  check_same_device(op, t, name, x, "x");
+  check_dtype(op, t, name, dtype);
+  check_shape(op, t, name, shape, what);
+}
+
+// All four saved tensors or none; each with the shape and dtype the forward returns. Returned contiguous.
+inline PspSaved check_pixel_shuffle_projector_saved(const char* op, const PspDims& d, const at::Tensor& x,
+                                                    const c10::optional<at::Tensor>& xn,
+                                                    const c10::optional<at::Tensor>& h,
+                                                    const c10::optional<at::Tensor>& g,
+                                                    const c10::optional<at::Tensor>& stats) {
+  const int given = xn.has_value() + h.has_value() + g.has_value() + stats.has_value();
+  PspSaved s;
+  if (given == 0) return s;
+  TORCH_CHECK(given == 4, op, ": arguments 'xn', 'h', 'g' and 'stats' (the forward's saved activations) must be "
+              "given all four or none, got ", given);
+  const auto dt = x.scalar_type();
+  psp_check_saved_one(op, *xn, "xn", {d.M, d.K}, dt, x, "[M, 4C], the LayerNorm output saved by the forward");
+  psp_check_saved_one(op, *h, "h", {d.M, d.D1}, dt, x, "[M, D1], the pre-activation saved by the forward");
+  psp_check_saved_one(op, *g, "g", {d.M, d.D1}, dt, x, "[M, D1], the GELU output saved by the forward");
+  psp_check_saved_one(op, *stats, "stats", {2, d.M}, psp_acc_dtype(dt), x,
+                      "[2, M], the LayerNorm mean and rstd saved by the forward");
+  s.xn = xn->contiguous();
+  s.h = h->contiguous();
+  s.g = g->contiguous();
+  s.stats = stats->contiguous();
+  s.present = true;
+  return s;
+}
+
+// Which gradients the backward computes (output_mask), and the intermediate gradients they need.
+struct PspNeeds {
+  bool dx, dlnw, dlnb, dw1, db1, dw2, db2;
+  bool dxn() const { return dx || dlnw || dlnb; }         // dxn = dh @ w1
+  bool dh() const { return dw1 || db1 || dxn(); }          // dh = (dy @ w2) * gelu'(h)
+  bool any() const { return dh() || dw2 || db2; }
+};
+
+inline PspNeeds psp_needs(std::array<bool, 7> m) { return PspNeeds{m[0], m[1], m[2], m[3], m[4], m[5], m[6]}; }
+
+// An output nobody asked for: empty, so nothing of its size is allocated.
+inline at::Tensor psp_not_asked(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // x with a unit channel stride (the kernels' one layout requirement); copies only when needed.
 inline at::Tensor psp_inner_contiguous(const at::Tensor& x) {

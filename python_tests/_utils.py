@@ -80,3 +80,38 @@ def spawn_gloo(fn, world: int, result_dir, *args) -> list[dict]:
 
     mp.spawn(_rank_main, args=(world, free_port(), str(result_dir), fn, args), nprocs=world, join=True)
     return [json.load(open(os.path.join(str(result_dir), f"{r}.json"))) for r in range(world)]
+
+
+# ------------------------------------------------------------------ work and host-sync counters
+# Ops that bring a value from the device to the host (each one a sync on CUDA): .item()/.tolist()/
+# bool()/int() go through _local_scalar_dense; nonzero sizes its output on the host.
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero")
+
+
+def profiled(fn):
+    """Run ``fn()`` under the CPU profiler, which also sees the ATen calls made inside our C++ kernels.
+    It runs with one torch thread: the profiler does not follow a kernel's own worker threads, and the
+    counts must not depend on how a kernel splits its work between threads.
+
+    Returns (counts, allocations): how many times each op ran, and (op name, bytes) of the CPU memory
+    each op allocated itself (not counting its children). Used to show that a kernel skips the work (GEMMs, buffers) of a gradient nobody asked
+    for, and that a path makes no host sync.
+    """
+    import collections
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                    record_shapes=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
+    events = prof.events()
+    counts = collections.Counter(e.name for e in events)
+    allocations = [(e.name, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage > 0]
+    return counts, allocations
+
+
+def host_syncs(counts) -> dict:
+    return {name: counts[name] for name in HOST_SYNC_OPS if counts.get(name)}

@@ -1,10 +1,24 @@
-"""attention_lse / attention_lse_backward against vita_ext.reference.attention_lse (float64 yardstick)."""
+"""attention_lse / attention_lse_backward against vita_ext.reference.attention_lse (float64 yardstick),
+through every backend that can serve the device (vita_ext's kernels, PyTorch's flash kernels, flash-attn)."""
 import pytest
 import torch
 
 import vita_ext
 from vita_ext import reference as R
+from vita_ext.ops.attention_dispatch import AttentionCall, why_not
 from _utils import assert_2x_rule, max_err, rand
+
+
+@pytest.fixture(params=["vita", "flash", "flash_attn"])
+def backend(request, device):
+    from conftest import emulating
+
+    if emulating() and request.param != "vita":
+        pytest.skip("CUDA emulation runs vita_ext's own CUDA kernels (the vita backend) only")
+    reason = why_not(request.param, AttentionCall(device.type, torch.bfloat16, 16, False))
+    if reason is not None:
+        pytest.skip(f"backend {request.param} on {device.type}: {reason}")
+    return request.param
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -31,12 +45,12 @@ def _qkv(shape, device, dtype=torch.float64):
             rand(b, sk, hkv, d, dtype=dtype, device=device))
 
 
-def _check_forward(q, k, v, dtype, causal, scale=None, cu=None):
+def _check_forward(q, k, v, dtype, causal, scale=None, cu=None, backend="vita"):
     """q, k, v in float64 (any layout); the op runs on their dtype-cast copies, keeping the layout. The
     float64 reference starts from those same rounded inputs (as flash-attention's tests do), so both
     errors measure the computation, not the rounding of the inputs they share."""
     cast = [t.to(dtype) for t in (q, k, v)]
-    out, lse = vita_ext.attention_lse(*cast, causal=causal, softmax_scale=scale, cu_seqlens=cu)
+    out, lse = vita_ext.attention_lse(*cast, causal=causal, softmax_scale=scale, cu_seqlens=cu, backend=backend)
     plain = R.attention_lse(*cast, causal, scale, cu)
     ref = R.attention_lse(*(t.double() for t in cast), causal, scale, cu)
     assert out.dtype == dtype and out.is_contiguous()
@@ -50,46 +64,46 @@ def _check_forward(q, k, v, dtype, causal, scale=None, cu=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward(device, shape, causal, dtype):
+def test_forward(device, backend, shape, causal, dtype):
     q, k, v = _qkv(shape, device)
-    out, lse = _check_forward(q, k, v, dtype, causal)
+    out, lse = _check_forward(q, k, v, dtype, causal, backend=backend)
     if causal and shape[1] > shape[2]:
         dead = shape[1] - shape[2]  # bottom-right aligned: the first Sq - Sk rows see nothing
         assert (out[:, :dead] == 0).all() and torch.isneginf(lse[:, :, :dead]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_non_contiguous_and_scale(device, dtype):
+def test_forward_non_contiguous_and_scale(device, backend, dtype):
     b, sq, sk, hq, hkv, d = 2, 19, 37, 6, 3, 32
     q = _r64(b, sq + 4, hq + 1, d + 8, device=device)[:, 2:2 + sq, 1:, 3:3 + d]  # slices of a larger buffer
     k = _r64(b, hkv, sk, d, device=device).transpose(1, 2)                       # [B, H, S, D] storage
     v = _r64(b, sk, hkv, 2 * d, device=device)[..., ::2]                        # last dim stride 2
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     for causal in (False, True):
-        _check_forward(q, k, v, dtype, causal, scale=0.3)
+        _check_forward(q, k, v, dtype, causal, scale=0.3, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
-def test_forward_cu_seqlens(device, causal, dtype, cu_dtype):
+def test_forward_cu_seqlens(device, backend, causal, dtype, cu_dtype):
     cu = torch.tensor(CU, dtype=cu_dtype, device=device)
     q, k, v = _qkv((1, CU[-1], CU[-1], 4, 2, 16), device)
-    _check_forward(q, k, v, dtype, causal, cu=cu)
+    _check_forward(q, k, v, dtype, causal, cu=cu, backend=backend)
 
 
-def test_forward_cu_seqlens_long_segments(device):
+def test_forward_cu_seqlens_long_segments(device, backend):
     # Segments longer than a tile, boundaries inside tiles: tile skipping and per-element masking.
     cu = torch.tensor([0, 70, 71, 200, 333], device=device)
     q, k, v = _qkv((1, 333, 333, 2, 1, 32), device)
     for causal in (False, True):
-        _check_forward(q, k, v, torch.float32, causal, cu=cu)
+        _check_forward(q, k, v, torch.float32, causal, cu=cu, backend=backend)
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 5, 2, 1, 16), (2, 0, 5, 2, 1, 16), (2, 5, 0, 2, 1, 16)])
-def test_forward_empty(device, shape):
+def test_forward_empty(device, backend, shape):
     q, k, v = _qkv(shape, device, torch.float32)
-    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True, backend=backend)
     assert out.shape == q.shape and lse.shape == (shape[0], shape[3], shape[1])
     if out.numel():
         assert (out == 0).all() and torch.isneginf(lse).all()
@@ -112,13 +126,32 @@ def _grads(fn, q, k, v, go, gl):
     return torch.autograd.grad((out, lse), (q, k, v), (go.to(out.dtype), gl.to(lse.dtype)))
 
 
-def _check_backward(q, k, v, dtype, causal, scale=None, cu=None):
+def _grads_out(fn, q, k, v, go):
+    """Gradients of a loss on out only (lse unused, as in a model): the flash backends' own backward."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, _ = fn(q, k, v)
+    return torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
+
+
+def _check_backward(q, k, v, dtype, causal, scale=None, cu=None, backend="vita", lse_grad=True):
+    """lse_grad: whether the loss also reaches lse (then every backend's backward runs the vita kernel).
+    A backend that cannot serve a call needing gradients must refuse it with its reason."""
     b, sq, hq, d = q.shape
+    reason = why_not(backend, AttentionCall(q.device.type, dtype, d, cu is not None, True))
+    if reason is not None:
+        x = q.to(dtype).requires_grad_()
+        with pytest.raises(ValueError, match=f"backend '{backend}' cannot serve"):
+            vita_ext.attention_lse(x, k.to(dtype), v.to(dtype), causal=causal, cu_seqlens=cu, backend=backend)
+        return
     go = rand(b, sq, hq, d, device=q.device)
-    gl = rand(b, hq, sq, device=q.device)
+    gl = rand(b, hq, sq, device=q.device) * (1.0 if lse_grad else 0.0)
     cast = [t.to(dtype) for t in (q, k, v)]
-    ours = _grads(lambda *a: vita_ext.attention_lse(*a, causal=causal, softmax_scale=scale, cu_seqlens=cu),
-                  *cast, go, gl)
+    if lse_grad:
+        ours = _grads(lambda *a: vita_ext.attention_lse(*a, causal=causal, softmax_scale=scale, cu_seqlens=cu,
+                                                        backend=backend), *cast, go, gl)
+    else:
+        ours = _grads_out(lambda *a: vita_ext.attention_lse(*a, causal=causal, softmax_scale=scale, cu_seqlens=cu,
+                                                            backend=backend), *cast, go)
     plain = _grads(lambda *a: R.attention_lse(*a, causal, scale, cu), *cast, go, gl)
     ref = _grads(lambda *a: R.attention_lse(*a, causal, scale, cu), *(t.double() for t in cast), go, gl)
     for name, o, p, r, x in zip(("dq", "dk", "dv"), ours, plain, ref, cast):
@@ -129,19 +162,27 @@ def _check_backward(q, k, v, dtype, causal, scale=None, cu=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
-def test_backward(device, shape, causal, dtype):
-    _check_backward(*_qkv(shape, device), dtype, causal)
+def test_backward(device, backend, shape, causal, dtype):
+    _check_backward(*_qkv(shape, device), dtype, causal, backend=backend, lse_grad=backend == "vita")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+def test_backward_lse_gradient(device, backend, shape, dtype):
+    # A loss on lse too: the flash kernels take no lse gradient, so the vita backward runs with the flash
+    # forward's out and lse.
+    _check_backward(*_qkv(shape, device), dtype, True, backend=backend, lse_grad=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_cu_seqlens_non_contiguous(device, causal, dtype):
+def test_backward_cu_seqlens_non_contiguous(device, backend, causal, dtype):
     cu = torch.tensor(CU, device=device)
     s = CU[-1]
     q = _r64(1, s, 4, 40, device=device)[..., 4:36]
     k = _r64(1, 2, s, 32, device=device).transpose(1, 2)
     v = _r64(1, s, 2, 32, device=device)
-    _check_backward(q, k, v, dtype, causal, scale=0.2, cu=cu)
+    _check_backward(q, k, v, dtype, causal, scale=0.2, cu=cu, backend=backend, lse_grad=backend == "vita")
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -157,12 +198,12 @@ def test_backward_schedules(threads):
         torch.set_num_threads(old)
 
 
-def test_backward_rows_without_keys_are_zero(device):
-    q, k, v = _qkv((1, 9, 4, 2, 1, 16), device, torch.float32)
+def test_backward_rows_without_keys_are_zero(device, backend):
+    q, k, v = _qkv((1, 9, 4, 2, 1, 16), device, torch.bfloat16 if backend == "flash" else torch.float32)
     q.requires_grad_()
     k.requires_grad_()
     v.requires_grad_()
-    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True, backend=backend)
     (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
     assert (q.grad[:, :5] == 0).all()
@@ -183,42 +224,62 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(lambda *a: vita_ext.attention_lse(*a, **kwargs), inputs)
 
 
-def test_ring_backward_with_global_out_lse(device):
+def test_ring_backward_with_global_out_lse(device, backend):
     # Ring attention: queries and keys split in two chunks under a global causal mask. Blocks are
     # (q0, k0) causal, (q1, k0) full, (q1, k1) causal; each block's backward gets the GLOBAL out/lse of its
     # queries. The summed block gradients must equal the gradient of the whole attention.
     b, s, h, hkv, d = 2, 40, 4, 2, 16
-    q, k, v = _qkv((b, s, s, h, hkv, d), device, torch.float32)
+    dtype = torch.float32 if backend == "vita" else torch.bfloat16
+    q, k, v = _qkv((b, s, s, h, hkv, d), device, dtype)
     go, gl = rand(b, s, h, d, device=device), rand(b, h, s, device=device)
     m = 17
     q0, q1, k0, k1, v0, v1 = q[:, :m], q[:, m:], k[:, :m], k[:, m:], v[:, :m], v[:, m:]
-    out0, lse0 = vita_ext.attention_lse(q0, k0, v0, causal=True)
-    out1, lse1 = vita_ext.attention_lse(q1, k0, v0, causal=False)
-    blk_out, blk_lse = vita_ext.attention_lse(q1, k1, v1, causal=True)
+    out0, lse0 = vita_ext.attention_lse(q0, k0, v0, causal=True, backend=backend)
+    out1, lse1 = vita_ext.attention_lse(q1, k0, v0, causal=False, backend=backend)
+    blk_out, blk_lse = vita_ext.attention_lse(q1, k1, v1, causal=True, backend=backend)
+    out1 = out1.float()  # a ring merges in fp32 and casts once at the end
     vita_ext.merge_attention_(out1, lse1, blk_out, blk_lse)
-    out, lse = torch.cat([out0, out1], 1), torch.cat([lse0, lse1], 2)
+    out, lse = torch.cat([out0, out1.to(dtype)], 1), torch.cat([lse0, lse1], 2)
     ref = R.attention_lse(q.double(), k.double(), v.double(), True)
-    assert max_err(out, ref[0]) < 1e-5 and max_err(lse, ref[1]) < 1e-5
+    if backend == "vita":
+        assert max_err(out, ref[0]) < 1e-5 and max_err(lse, ref[1]) < 1e-5
+    else:
+        plain = R.attention_lse(q, k, v, True)
+        assert_2x_rule(out, plain[0], ref[0], "out")
+        assert_2x_rule(lse, plain[1], ref[1], "lse")
 
-    bwd = torch.ops.vita_ext.attention_lse_backward
-    scale = d ** -0.5
-    g0, g1, gl0, gl1 = go[:, :m], go[:, m:], gl[:, :, :m], gl[:, :, m:]
-    dq0, dk0a, dv0a = bwd(g0, gl0, q0, k0, v0, out0, lse0, True, scale, None)
-    dq1a, dk0b, dv0b = bwd(g1, gl1, q1, k0, v0, out1, lse1, False, scale, None)
-    dq1b, dk1, dv1 = bwd(g1, gl1, q1, k1, v1, out1, lse1, True, scale, None)
-    ours = (torch.cat([dq0, dq1a + dq1b], 1), torch.cat([dk0a + dk0b, dk1], 1), torch.cat([dv0a + dv0b, dv1], 1))
+    if backend != "vita":
+        gl = torch.zeros_like(gl)  # the flash backward takes no lse gradient (a ring never needs one)
+
+    def bwd(g, glse, q_, k_, v_, o, lse_, causal):
+        return vita_ext.ops.attention_lse_backward(g, q_, k_, v_, o, lse_, causal, d ** -0.5,
+                                                   grad_lse=glse if backend == "vita" else None, backend=backend)
+
+    g0, g1, gl0, gl1 = go[:, :m].to(dtype), go[:, m:].to(dtype), gl[:, :, :m], gl[:, :, m:]
+    dq0, dk0a, dv0a = bwd(g0, gl0, q0, k0, v0, out0, lse0, True)
+    dq1a, dk0b, dv0b = bwd(g1, gl1, q1, k0, v0, out1, lse1, False)
+    dq1b, dk1, dv1 = bwd(g1, gl1, q1, k1, v1, out1, lse1, True)
+    f32 = [t.float() for t in (dq0, dq1a, dq1b, dk0a, dk0b, dk1, dv0a, dv0b, dv1)]
+    ours = (torch.cat([f32[0], f32[1] + f32[2]], 1), torch.cat([f32[3] + f32[4], f32[5]], 1),
+            torch.cat([f32[6] + f32[7], f32[8]], 1))
     want = _grads(lambda *a: R.attention_lse(*a, True), q.double(), k.double(), v.double(), go.double(), gl.double())
-    for name, o, w in zip(("dq", "dk", "dv"), ours, want):
-        assert max_err(o, w) < 2e-5 * max(1.0, w.abs().max().item()), name
+    if backend == "vita":
+        for name, o, w in zip(("dq", "dk", "dv"), ours, want):
+            assert max_err(o, w) < 2e-5 * max(1.0, w.abs().max().item()), name
+    else:
+        plain = _grads(lambda *a: R.attention_lse(*a, True), q, k, v, go.to(dtype), gl)
+        for name, o, p, w in zip(("dq", "dk", "dv"), ours, plain, want):
+            assert_2x_rule(o.to(dtype), p, w, name)
 
 
-def test_backward_fp32_out_with_half_inputs(device):
+def test_backward_fp32_out_with_half_inputs(device, backend):
     # A ring may keep the merged out in fp32 while q/k/v are bf16: the backward accepts it.
     q, k, v = _qkv((1, 12, 12, 2, 1, 16), device, torch.bfloat16)
-    out, lse = vita_ext.attention_lse(q, k, v, causal=True)
+    out, lse = vita_ext.attention_lse(q, k, v, causal=True, backend=backend)
     go = rand(1, 12, 2, 16, dtype=torch.bfloat16, device=device)
-    a = torch.ops.vita_ext.attention_lse_backward(go, None, q, k, v, out, lse, True, 0.25, None)
-    b = torch.ops.vita_ext.attention_lse_backward(go, None, q, k, v, out.float(), lse, True, 0.25, None)
+    bwd = vita_ext.ops.attention_lse_backward
+    a = bwd(go, q, k, v, out, lse, True, 0.25, backend=backend)
+    b = bwd(go, q, k, v, out.float(), lse, True, 0.25, backend=backend)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -300,3 +361,17 @@ def test_wrong_device():
         torch.ops.vita_ext.attention_lse(q, k.cpu(), v, False, 0.25, None)
     with pytest.raises(RuntimeError, match="argument 'q' must have dtype .* on CUDA"):
         torch.ops.vita_ext.attention_lse(q.double(), k.double(), v.double(), False, 0.25, None)
+
+
+def test_bad_max_seqlen(device, backend):
+    q, k, v = _qkv((1, 6, 6, 4, 2, 16), device, torch.bfloat16)
+    cu = torch.tensor([0, 2, 6], device=device)
+    with pytest.raises(RuntimeError, match=r"argument 'max_seqlen' must be in \[0, 6\] .*got 7"):
+        vita_ext.attention_lse(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=7, backend=backend)
+    if backend == "vita":
+        with pytest.raises(RuntimeError, match=r"argument 'max_seqlen' must be in \[0, 6\] .*got -1"):
+            torch.ops.vita_ext.attention_lse(q, k, v, True, 0.25, cu, -1)
+    # on the CPU the offsets are still checked on the host even with max_seqlen
+    if device.type == "cpu":
+        with pytest.raises(RuntimeError, match="argument 'cu_seqlens' must end at the sequence length 6"):
+            vita_ext.attention_lse(q, k, v, causal=True, cu_seqlens=cu[:2], max_seqlen=2, backend=backend)

@@ -25,6 +25,7 @@ OPS = {  # script -> op name written in its rows
     "bench_merge_attention": "merge_attention",
     "bench_ring_attention": "ring_attention",
     "bench_prefill": "prefill",
+    "bench_tiny_model": "tiny_model",
 }
 EXTRA = {"bench_attention_lse": ["--modes", "fwd,decode,fwd_bwd"], "bench_masked_lm_head": ["--modes", "fwd,fwd_bwd"]}
 
@@ -69,7 +70,7 @@ def test_quick_run_appends_rows(quick_runs, script):
         if r["metric"] == "time":
             assert 0 < p20 <= p50 <= p80, r
     times = {(r["provider"], r["mode"]) for r in rows if r["metric"] == "time"}
-    assert any(p in ("ours", "masked", "single") for p, _ in times), f"no timing of our op in {script}"
+    assert any(p in ("ours", "masked", "single", "flash") for p, _ in times), f"no timing of our op in {script}"
     if script != "bench_ring_attention":  # the ring benchmark has no eager counterpart
         assert len({p for p, _ in times}) >= 2, f"{script} compared no providers: {times}"
     if "--compile" not in proc.args:

@@ -5,7 +5,7 @@ import torch
 
 import vita_ext
 from vita_ext import reference as R
-from _utils import assert_2x_rule, rand
+from _utils import assert_2x_rule, host_syncs, profiled, rand
 
 OP = torch.ops.vita_ext.masked_linear_cross_entropy.default
 OP_BWD = torch.ops.vita_ext.masked_linear_cross_entropy_backward.default
@@ -26,19 +26,20 @@ def _cotangent(t, reduction, device):
     return torch.randn((t,) if reduction == "none" else (), dtype=torch.float64, device=device)
 
 
-def _loss_and_grads(fn, hidden, weight, labels, ignore_index, reduction, cot):
+def _loss_and_grads(fn, hidden, weight, labels, ignore_index, reduction, cot, **kwargs):
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
-    loss = fn(h, w, labels, ignore_index, reduction)
+    loss = fn(h, w, labels, ignore_index, reduction, **kwargs)
     (loss.double() * cot).sum().backward()
     return loss.detach(), h.grad, w.grad
 
 
-def _check(hidden, weight, labels, reduction, ignore_index=-100):
-    """Loss and both gradients vs reference autograd in float64, under the 2x rule; returns ours."""
+def _check(hidden, weight, labels, reduction, ignore_index=-100, **kwargs):
+    """Loss and both gradients vs reference autograd in float64, under the 2x rule; returns ours.
+    kwargs go to our op (num_supervised, grad_in_forward)."""
     cot = _cotangent(labels.shape[0], reduction, hidden.device)
     args = (hidden, weight, labels, ignore_index, reduction, cot)
-    ours = _loss_and_grads(vita_ext.masked_linear_cross_entropy, *args)
+    ours = _loss_and_grads(vita_ext.masked_linear_cross_entropy, *args, **kwargs)
     plain = _loss_and_grads(R.masked_linear_cross_entropy, *args)
     ref64 = _loss_and_grads(R.masked_linear_cross_entropy, hidden.double(), weight.double(), *args[2:])
     assert ours[0].dtype == torch.float32
@@ -114,7 +115,8 @@ def test_non_contiguous_hidden(device, dtype):
 
 def test_lse_output(device):
     hidden, weight, labels = _inputs(device, torch.float32)
-    loss, lse = OP(hidden, weight, labels, -100, "none")
+    loss, lse, gh, gw = OP(hidden, weight, labels, -100, "none")
+    assert gh.shape == (0,) and gw.shape == (0,)  # no gradient formed in the forward unless asked
     ref = torch.logsumexp(hidden.double() @ weight.double().t(), dim=-1)
     sup = labels != -100
     assert lse.dtype == torch.float64 and loss.dtype == torch.float32 and lse.shape == (T,)
@@ -136,7 +138,8 @@ def test_batched_input_form(device, reduction):
     torch.testing.assert_close(loss.reshape(-1), flat.reshape(-1), rtol=0, atol=0)
     ref = R.masked_linear_cross_entropy(hidden.reshape(-1, H).double(), weight.double(), labels.reshape(-1),
                                         reduction=reduction)
-    torch.testing.assert_close(loss.reshape(-1).double(), ref.reshape(-1), rtol=1e-5, atol=1e-5)
+    plain = R.masked_linear_cross_entropy(hidden.reshape(-1, H), weight, labels.reshape(-1), reduction=reduction)
+    assert_2x_rule(loss.reshape(-1), plain.reshape(-1), ref.reshape(-1))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -158,13 +161,22 @@ def test_gradcheck_cpu(reduction, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype, reduction):
     hidden, weight, labels = _inputs(device, dtype, t=9, h=8, v=13)
+    count = int((labels != -100).sum())
     args = (hidden, weight, labels, -100, reduction)
     torch.library.opcheck(OP, args)
-    loss, lse = OP(*args)
+    torch.library.opcheck(OP, args + (count, [False, False]))
+    loss, lse, _, _ = OP(*args)
     torch.library.opcheck(OP, (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels, -100,
                                reduction))
     grad_loss = _cotangent(9, reduction, device).float()
-    torch.library.opcheck(OP_BWD, (grad_loss, hidden, weight, labels, lse, -100, reduction))
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(OP_BWD, (grad_loss, hidden, weight, labels, lse, -100, reduction, None, mask))
+    torch.library.opcheck(OP_BWD, (grad_loss, hidden, weight, labels, lse, -100, reduction, count, [True, True]))
+    if reduction != "none":
+        for flags in ([True, True], [True, False], [False, True]):
+            torch.library.opcheck(OP, args + (count, flags))
+            torch.library.opcheck(OP, (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels,
+                                       -100, reduction, None, flags))
 
 
 def test_sparse_supervision_never_builds_full_logits(device):
@@ -218,7 +230,7 @@ def test_bad_inputs(device):
 
 def test_bad_backward_inputs(device):
     hidden, weight, labels = _inputs(device, torch.float32)
-    loss, lse = OP(hidden, weight, labels, -100, "none")
+    loss, lse, _, _ = OP(hidden, weight, labels, -100, "none")
     with pytest.raises(RuntimeError, match=r"'grad_loss' must have shape \[37\]"):
         OP_BWD(torch.ones((), device=device), hidden, weight, labels, lse, -100, "none")
     with pytest.raises(RuntimeError, match=r"'grad_loss' must have shape \[\]"):
@@ -231,3 +243,212 @@ def test_device_mismatch(cuda_device):
     hidden, weight, labels = _inputs(cuda_device, torch.float32)
     with pytest.raises(RuntimeError, match=r"'labels' must be on device cuda"):
         vita_ext.masked_linear_cross_entropy(hidden, weight, labels.cpu())
+
+
+# ------------------------------------------------------------------ issue 12: no wasted work, no syncs
+@pytest.mark.parametrize("half_gemm", ["native", "fp32"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_in_forward(device, dtype, reduction, half_gemm, monkeypatch):
+    # Gradients formed in the forward pass (one row chunk, then several with the fp32 [V, H] dW
+    # accumulator), under the same 2x rule as the recomputing backward. half_gemm: both CPU GEMM paths.
+    monkeypatch.setenv("VITA_EXT_CPU_HALF_GEMM", half_gemm)
+    _check(*_inputs(device, dtype), reduction, grad_in_forward=True)
+    monkeypatch.setenv("VITA_EXT_CE_ROW_CHUNK", "8")
+    _check(*_inputs(device, dtype, t=70, v=300), reduction, grad_in_forward=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_half_gemm_fp32_path(dtype, monkeypatch):
+    # The path of CPUs without native bf16/fp16 dot products (weight chunks converted to fp32).
+    monkeypatch.setenv("VITA_EXT_CPU_HALF_GEMM", "fp32")
+    monkeypatch.setenv("VITA_EXT_CE_VOCAB_CHUNK", "64")
+    monkeypatch.setenv("VITA_EXT_CE_ROW_CHUNK", "8")
+    for reduction in REDUCTIONS:
+        _check(*_inputs("cpu", dtype), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_num_supervised_equals_counted(device, reduction):
+    hidden, weight, labels = _inputs(device, torch.bfloat16)
+    count = int((labels != -100).sum())
+    a = _loss_and_grads(vita_ext.masked_linear_cross_entropy, hidden, weight, labels, -100, reduction,
+                        _cotangent(T, reduction, device))
+    torch.manual_seed(1)
+    b = _loss_and_grads(vita_ext.masked_linear_cross_entropy, hidden, weight, labels, -100, reduction,
+                        _cotangent(T, reduction, device), num_supervised=count)
+    torch.manual_seed(1)
+    a = _loss_and_grads(vita_ext.masked_linear_cross_entropy, hidden, weight, labels, -100, reduction,
+                        _cotangent(T, reduction, device))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_num_supervised_wrong_count_or_label_gives_nan(device):
+    hidden, weight, labels = _inputs(device, torch.float32)
+    count = int((labels != -100).sum())
+    ce = vita_ext.masked_linear_cross_entropy
+    for wrong in (count - 1, count + 1):
+        h = hidden.clone().requires_grad_()
+        loss = ce(h, weight, labels, num_supervised=wrong)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(h.grad).any()
+    bad = labels.clone()
+    row = int((labels != -100).nonzero()[0])
+    bad[row] = V + 3  # out of range: NaN for that row only, the others exact
+    per_row = ce(hidden, weight, bad, reduction="none", num_supervised=count)
+    ref = ce(hidden, weight, labels, reduction="none")
+    assert torch.isnan(per_row[row])
+    keep = torch.ones(T, dtype=torch.bool, device=device)
+    keep[row] = False
+    torch.testing.assert_close(per_row[keep], ref[keep], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"'num_supervised' must be .* in \[0, T\] with T = 37, got 38"):
+        ce(hidden, weight, labels, num_supervised=T + 1)
+    with pytest.raises(ValueError, match=r"'grad_in_forward' needs reduction 'mean' or 'sum'"):
+        ce(hidden, weight, labels, reduction="none", grad_in_forward=True)
+    with pytest.raises(ValueError, match=r"'grad_in_forward' needs reduction 'mean' or 'sum'"):
+        OP(hidden, weight, labels, -100, "none", None, [True, False])
+
+
+def _mm_count(counts):
+    return counts.get("aten::mm", 0) + counts.get("aten::addmm", 0)
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_frozen_weight_gets_no_dw_work(grad_in_forward):
+    # A frozen LM head (stage 1): no dW GEMM, no buffer of dW's size; dH unchanged.
+    t, h, v = 32, 512, 4096  # dW would be 8 MB, every other buffer < 1 MB
+    hidden, weight, labels = _inputs("cpu", torch.float32, t=t, h=h, v=v)
+    kw = dict(grad_in_forward=grad_in_forward)
+
+    def run(weight_grad):
+        hl = hidden.detach().requires_grad_()
+        wl = weight.detach().requires_grad_(weight_grad)
+        loss = vita_ext.masked_linear_cross_entropy(hl, wl, labels, reduction="sum", **kw)
+        counts, allocs = profiled(loss.backward)
+        return hl.grad, wl.grad, counts, allocs, loss
+
+    both_dh, both_dw, both_counts, _, _ = run(True)
+    dh, dw, counts, allocs, _ = run(False)
+    assert dw is None and both_dw is not None
+    torch.testing.assert_close(dh, both_dh, rtol=0, atol=0)
+    assert max(b for _, b in allocs) < v * h * 4 // 4, allocs
+    if not grad_in_forward:  # recomputing backward: logits + dH GEMMs only
+        assert _mm_count(counts) == _mm_count(both_counts) - 1 == 2
+    # In the forward pass too (grad_in_forward): profile the forward itself.
+    hl = hidden.detach().requires_grad_()
+    counts, allocs = profiled(lambda: vita_ext.masked_linear_cross_entropy(hl, weight, labels, **kw))
+    assert max(b for _, b in allocs) < v * h * 4 // 4, allocs
+    assert _mm_count(counts) == (2 if grad_in_forward else 1)
+
+
+def test_frozen_hidden_gets_no_dh_work():
+    hidden, weight, labels = _inputs("cpu", torch.float32)
+    for gif in (False, True):
+        wl = weight.detach().requires_grad_()
+        loss = vita_ext.masked_linear_cross_entropy(hidden, wl, labels, grad_in_forward=gif)
+        counts, _ = profiled(loss.backward)
+        ref = weight.detach().requires_grad_()
+        vita_ext.masked_linear_cross_entropy(hidden.detach().requires_grad_(), ref, labels).backward()
+        torch.testing.assert_close(wl.grad, ref.grad, rtol=1e-6, atol=1e-7)
+        if not gif:
+            assert _mm_count(counts) == 2  # logits + dW
+    out = OP_BWD(torch.ones(()), hidden, weight, labels, OP(hidden, weight, labels, -100, "mean")[1], -100, "mean",
+                 None, [False, True])
+    assert out[0].shape == (0,) and out[1].shape == (V, H)
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_no_host_sync_with_num_supervised(grad_in_forward):
+    # The ops' own ATen calls, counted by the profiler inside the C++ kernels: with the count from the
+    # caller, nothing is read back to the host (no .item(), no nonzero) in the forward or backward.
+    hidden, weight, labels = _inputs("cpu", torch.bfloat16)
+    count = int((labels != -100).sum())
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    box = {}
+
+    def forward():
+        box["loss"] = vita_ext.masked_linear_cross_entropy(h, w, labels, reduction="sum", num_supervised=count,
+                                                           grad_in_forward=grad_in_forward)
+
+    counts, _ = profiled(forward)
+    assert host_syncs(counts) == {}, counts
+    counts, _ = profiled(box["loss"].backward)
+    assert host_syncs(counts) == {}, counts
+    # Without the count, the forward reads it (one nonzero): the counter does see syncs.
+    counts, _ = profiled(lambda: vita_ext.masked_linear_cross_entropy(hidden, weight, labels))
+    assert host_syncs(counts)
+
+
+@pytest.mark.skipif(not vita_ext.build_info()["cuda"], reason="the wrapper rejects CUDA tensors in a CPU-only build")
+def test_fake_cuda_tensors_no_data_dependence():
+    # The Python side (wrapper, fake kernels, autograd glue) on fake CUDA tensors: a .item(), .tolist()
+    # or nonzero on these paths would raise here. Needs no GPU.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        h = torch.empty(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.empty(V, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.zeros(T, dtype=torch.long, device="cuda")
+        for gif in (False, True):
+            loss = vita_ext.masked_linear_cross_entropy(h, w, labels, reduction="sum", num_supervised=T,
+                                                        grad_in_forward=gif)
+            # The backward node called directly (the autograd engine wants a real CUDA device).
+            gh, gw = loss.grad_fn.apply(torch.ones_like(loss), None, None, None)[:2]
+            assert gh.shape == (T, H) and gw.shape == (V, H) and gh.device.type == "cuda"
+
+
+@pytest.mark.cuda
+def test_no_sync_under_cuda_sync_debug_mode(cuda_device):
+    hidden, weight, labels = _inputs(cuda_device, torch.bfloat16)
+    count = int((labels != -100).sum())
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for gif in (False, True):
+            loss = vita_ext.masked_linear_cross_entropy(h, w, labels, reduction="sum", num_supervised=count,
+                                                        grad_in_forward=gif)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------- NaN / Inf (issue 11 item 3)
+def _nan_pattern_matches(ours, ref, name):
+    o, r = ours.double(), ref.double()
+    assert torch.equal(torch.isnan(o), torch.isnan(r)), f"{name}: NaN at different places"
+    assert torch.equal(torch.isinf(o), torch.isinf(r)), f"{name}: Inf at different places"
+    fin = torch.isfinite(r)
+    torch.testing.assert_close(o[fin], r[fin], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("where", ["hidden_nan", "hidden_inf", "hidden_neginf", "weight_nan", "weight_inf",
+                                   "ignored_nan"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nan_inf_propagate_as_pytorch(device, where, reduction):
+    # As F.cross_entropy(F.linear(h[supervised], W).float(), labels[supervised]): non-finite values in the
+    # rows the loss reads reach the loss and the gradients; an ignored row is never read.
+    hidden, weight, labels = _inputs(device, torch.float32)
+    sup = (labels != -100).nonzero().view(-1)
+    if where.startswith("hidden"):
+        hidden[sup[1], 3] = {"hidden_nan": float("nan"), "hidden_inf": float("inf"),
+                             "hidden_neginf": float("-inf")}[where]
+    elif where == "ignored_nan":
+        hidden[(labels == -100).nonzero()[0, 0]] = float("nan")
+    else:
+        weight[int(labels[sup[0]]), 2] = float("nan") if where == "weight_nan" else float("inf")
+    cot = _cotangent(T, reduction, device)
+    for gif in ([False, True] if reduction != "none" else [False]):
+        ours = _loss_and_grads(vita_ext.masked_linear_cross_entropy, hidden, weight, labels, -100, reduction, cot,
+                               grad_in_forward=gif)
+        h = hidden.double()[sup].detach().requires_grad_()
+        w = weight.double().detach().requires_grad_()
+        loss = R.masked_linear_cross_entropy(h, w, labels[sup], reduction=reduction)
+        (loss * (cot[sup] if reduction == "none" else cot)).sum().backward()
+        ref_loss = torch.zeros(T, dtype=torch.float64, device=device).index_put((sup,), loss) \
+            if reduction == "none" else loss
+        ref_gh = torch.zeros_like(hidden, dtype=torch.float64).index_put((sup,), h.grad)
+        _nan_pattern_matches(ours[0], ref_loss.detach(), f"loss ({where}, gif={gif})")
+        _nan_pattern_matches(ours[1], ref_gh, f"grad_hidden ({where}, gif={gif})")
+        _nan_pattern_matches(ours[2], w.grad, f"grad_weight ({where}, gif={gif})")

@@ -6,7 +6,7 @@ import torch
 
 import vita_ext
 from vita_ext import reference
-from _utils import assert_2x_rule, rand
+from _utils import assert_2x_rule, host_syncs, profiled, rand
 
 OP = torch.ops.vita_ext.pixel_shuffle_projector
 OP_BWD = torch.ops.vita_ext.pixel_shuffle_projector_backward
@@ -37,9 +37,9 @@ def run_ref(inp, eps=1e-5):
                                              b1=inp["b1"], b2=inp["b2"])
 
 
-def run_op(inp, eps=1e-5):
+def run_op(inp, eps=1e-5, recompute=None):
     return vita_ext.pixel_shuffle_projector(inp["x"], inp["ln_weight"], inp["ln_bias"], inp["w1"], inp["w2"], eps,
-                                            b1=inp["b1"], b2=inp["b2"])
+                                            b1=inp["b1"], b2=inp["b2"], recompute=recompute)
 
 
 def op_args(inp, eps=1e-5):
@@ -141,15 +141,16 @@ def test_forward_empty(device):
 # ------------------------------------------------------------------------------------------- backward
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
 @pytest.mark.parametrize("shape", [(3, 4, 16, 24, 20), (2, 6, 8, 16, 8), (1, 32, 16, 32, 24)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_backward(device, dtype, shape, bias):
+def test_backward(device, dtype, shape, bias, recompute):
     inp = make_inputs(*shape, device=device, bias=bias)
     gy = rand(shape[0], shape[1] ** 2 // 4, shape[4], dtype=torch.float64, device=device).to(dtype).double()
     inp = cast(cast(inp, dtype), torch.float64)  # the reference starts from the same rounded inputs
     ref64 = grads(run_ref, inp, gy)
-    ours = grads(run_op, cast(inp, dtype), gy.to(dtype))
+    ours = grads(lambda d: run_op(d, recompute=recompute), cast(inp, dtype), gy.to(dtype))
     assert set(ours) == set(ref64)
     if dtype == torch.float64:
         for k in ref64:
@@ -292,3 +293,153 @@ def test_bad_device(cuda_device):
     inp["w2"] = inp["w2"].to(cuda_device)
     with pytest.raises(RuntimeError, match=r"argument '\w+' must be on device"):
         OP(*op_args(inp))
+
+
+# ------------------------------------------------------------------ issue 12: no wasted work, no syncs
+@pytest.mark.parametrize("half_gemm", ["native", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_gemm_paths(dtype, half_gemm, monkeypatch):
+    # Both CPU GEMM paths for half types (native bf16/fp16 GEMMs, or fp32 as on CPUs without native
+    # dot products), forward and backward, saved activations and recompute, under the 2x rule.
+    monkeypatch.setenv("VITA_EXT_CPU_HALF_GEMM", half_gemm)
+    shape = (3, 4, 16, 24, 20)
+    inp = cast(cast(make_inputs(*shape), dtype), torch.float64)
+    gy = rand(3, 4, 20, dtype=torch.float64).to(dtype).double()
+    ref64, plain = grads(run_ref, inp, gy), grads(run_ref, cast(inp, dtype), gy.to(dtype))
+    assert_2x_rule(run_op(cast(inp, dtype)), run_ref(cast(inp, dtype)), run_ref(inp), "y")
+    for recompute in (False, True):
+        ours = grads(lambda d: run_op(d, recompute=recompute), cast(inp, dtype), gy.to(dtype))
+        for k in ref64:
+            assert_2x_rule(ours[k], plain[k], ref64[k], name=f"d{k} (recompute={recompute})")
+
+
+def _backward_profile(inp, trainable, recompute):
+    leaves = {k: (v.detach().clone().requires_grad_(k in trainable) if v is not None else None)
+              for k, v in inp.items()}
+    y = run_op(leaves, recompute=recompute)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
+    counts, allocs = profiled(lambda: y.backward(gy))
+    return {k: v.grad for k, v in leaves.items() if v is not None and v.grad is not None}, counts, allocs
+
+
+def _gemms(counts):
+    return sum(counts.get(n, 0) for n in ("aten::mm", "aten::addmm"))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_frozen_vit_gets_no_dx_work(recompute):
+    # Stage 1 (projector trains, ViT frozen): no dx buffer, the parameter gradients unchanged; with the
+    # LayerNorm frozen too, not even the dxn GEMM.
+    inp = make_inputs(4, 8, 32, 24, 20, dtype=torch.float32)
+    dx_bytes = inp["x"].numel() * 4
+    params = {"ln_weight", "ln_bias", "w1", "b1", "w2", "b2"}
+    full, full_counts, full_allocs = _backward_profile(inp, params | {"x"}, recompute)
+    frozen, counts, allocs = _backward_profile(inp, params, recompute)
+    assert set(frozen) == params
+    for k in params:
+        torch.testing.assert_close(frozen[k], full[k], rtol=0, atol=0)
+    # One x-sized buffer fewer than with x trainable: dx (xn and dxn have x's size too).
+    x_sized = [a for a in allocs if a[1] >= dx_bytes]
+    assert len(x_sized) == len([a for a in full_allocs if a[1] >= dx_bytes]) - 1, (x_sized, full_allocs)
+    assert _gemms(counts) == _gemms(full_counts)  # dxn is still needed for the LayerNorm parameters
+    only_linear, counts, _ = _backward_profile(inp, {"w1", "w2"}, recompute)
+    assert set(only_linear) == {"w1", "w2"}
+    assert _gemms(counts) == _gemms(full_counts) - 1  # no dxn = dh @ w1
+    torch.testing.assert_close(only_linear["w1"], full["w1"], rtol=0, atol=0)
+    only_w2, counts, _ = _backward_profile(inp, {"w2"}, recompute)
+    assert _gemms(counts) == (1 if not recompute else 2)  # dW2 (+ the recomputed h)
+    torch.testing.assert_close(only_w2["w2"], full["w2"], rtol=0, atol=0)
+
+
+def test_backward_op_output_mask():
+    inp = make_inputs(2, 4, 8, 12, 10, dtype=torch.float32)
+    gy = rand(2, 4, 10)
+    full = OP_BWD(gy, *op_args(inp))
+    mask = [False, True, False, True, False, False, True]
+    part = OP_BWD(gy, *op_args(inp), None, None, None, None, mask)
+    for want, f, p in zip(mask, full, part):
+        if want:
+            torch.testing.assert_close(p, f, rtol=0, atol=0)
+        else:
+            assert p.shape == (0,)
+    y, xn, h, g, stats = OP(*op_args(inp), True)
+    assert xn.shape == (8, 32) and h.shape == (8, 12) and g.shape == (8, 12) and stats.shape == (2, 8)
+    saved = OP_BWD(gy, *op_args(inp), xn, h, g, stats, [True] * 7)
+    for a, b in zip(saved, full):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"'xn', 'h', 'g' and 'stats'.*all four or none, got 2"):
+        OP_BWD(gy, *op_args(inp), xn, h, None, None, [True] * 7)
+    with pytest.raises(RuntimeError, match=r"argument 'h' must have shape \[8, 12\].*got \[8, 11\]"):
+        OP_BWD(gy, *op_args(inp), xn, h[:, :11], g, stats, [True] * 7)
+    with pytest.raises(RuntimeError, match=r"argument 'stats' must have dtype torch.float32, got torch.float64"):
+        OP_BWD(gy, *op_args(inp), xn, h, g, stats.double(), [True] * 7)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_saved_and_masks(device, bias):
+    inp = make_inputs(3, 4, 8, 12, 10, dtype=torch.float32, device=device, bias=bias)
+    torch.library.opcheck(OP.default, op_args(inp) + (True,))
+    _, xn, h, g, stats = OP(*op_args(inp), True)
+    gy = rand(3, 4, 10, device=device)
+    torch.library.opcheck(OP_BWD.default, (gy,) + op_args(inp) + (xn, h, g, stats, [True] * 7))
+    torch.library.opcheck(OP_BWD.default, (gy,) + op_args(inp) + (None, None, None, None,
+                                                                   [False, True, True, True, False, True, False]))
+    grad_inp = {k: v.requires_grad_(True) if v is not None else None for k, v in inp.items()}
+    torch.library.opcheck(OP.default, op_args(grad_inp) + (True,))
+
+
+def test_no_host_sync():
+    inp = make_inputs(2, 4, 8, 12, 10, dtype=torch.bfloat16)
+    leaves = {k: v.requires_grad_(True) for k, v in inp.items()}
+    box = {}
+    counts, _ = profiled(lambda: box.setdefault("y", run_op(leaves)))
+    assert host_syncs(counts) == {}
+    counts, _ = profiled(lambda: box["y"].sum().backward())
+    assert host_syncs(counts) == {}
+
+
+@pytest.mark.skipif(not vita_ext.build_info()["cuda"], reason="the wrapper rejects CUDA tensors in a CPU-only build")
+def test_fake_cuda_tensors_no_data_dependence():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        inp = {k: torch.empty(v.shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for k, v in make_inputs(2, 4, 8, 12, 10).items()}
+        for recompute in (None, False):
+            y = run_op(inp, recompute=recompute)
+            # The backward node called directly (the autograd engine wants a real CUDA device).
+            g = y.grad_fn.apply(torch.ones_like(y), None, None, None, None)
+            got = dict(zip(("x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2"), g))
+            assert all(got[k].shape == v.shape and got[k].device.type == "cuda" for k, v in inp.items())
+
+
+@pytest.mark.cuda
+def test_no_sync_under_cuda_sync_debug_mode(cuda_device):
+    inp = {k: v.requires_grad_(True) for k, v in make_inputs(2, 4, 8, 12, 10, dtype=torch.bfloat16,
+                                                             device=cuda_device).items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for recompute in (True, False):
+            run_op(inp, recompute=recompute).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------- NaN / Inf (issue 11 item 3)
+@pytest.mark.parametrize("where", ["x_nan", "x_inf", "w1_nan", "ln_weight_inf", "b2_nan", "w2_neginf"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_nan_inf_propagate_as_pytorch(device, where, recompute):
+    inp = make_inputs(2, 4, 8, 12, 10, device=device)
+    name, kind = where.split("_")[0] + ("_weight" if where.startswith("ln") else ""), where.rsplit("_", 1)[1]
+    value = {"nan": float("nan"), "inf": float("inf"), "neginf": float("-inf")}[kind]
+    inp[name].view(-1)[3] = value
+    gy = rand(2, 4, 10, dtype=torch.float64, device=device)
+    ref = grads(run_ref, inp, gy)
+    ours = grads(lambda d: run_op(d, recompute=recompute), cast(inp, torch.float32), gy.float())
+    y_ref, y = run_ref(inp), run_op(cast(inp, torch.float32))
+    for k, a, b in [("y", y, y_ref)] + [(f"d{k}", ours[k], ref[k]) for k in ref]:
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{k}: NaN at different places ({where})"
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{k}: Inf at different places ({where})"
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin].double(), b[fin], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")

@@ -410,6 +410,49 @@ def test_frozen_vit_keeps_no_graph_and_gets_no_gradient(checkpoint, data, proces
     assert all(p.grad is not None for p in model.model.vision_projection.parameters())
 
 
+class _VitaOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every vita_ext op call (name, args, outputs), forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "vita_ext":
+            self.calls.append((func._schema.name.split("::")[1], args, out))
+        return out
+
+    def named(self, name):
+        return [(args, out) for n, args, out in self.calls if n == name]
+
+
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_stage1_step_computes_no_lm_head_dw_and_no_vit_dx(checkpoint, data, tmp_path, amp):
+    # Stage 1 trains the projector only: the trainer's step must not compute the LM head's dW (the
+    # cross-entropy forms dH only) nor dx for the frozen ViT (the projector's backward is not asked).
+    t = Trainer(_train_cfg(checkpoint, data, tmp_path, stage=1, dtype=amp, seq_len=128))
+    assert t.trainable_counts["vit"] == 0 and t.trainable_counts["llm"] == 0
+    batches = [t.packer.next_batch()]
+    assert batches[0].pixel_values.shape[0] > 0 and batches[0].num_supervised > 0
+    rec = _VitaOpCalls()
+    with rec:
+        t.train_step(batches)
+    [(ce_args, ce_out)] = rec.named("masked_linear_cross_entropy")
+    hidden, weight = ce_args[0], ce_args[1]
+    assert ce_args[5] == batches[0].num_supervised  # the host count: no device read
+    assert list(ce_args[6]) == [True, False]  # grad_in_forward: dH only
+    assert ce_out[2].shape == hidden.shape and ce_out[3].numel() == 0  # no dW, not even a buffer
+    assert rec.named("masked_linear_cross_entropy_backward") == []  # nothing recomputed
+    [(bwd_args, bwd_out)] = rec.named("pixel_shuffle_projector_backward")
+    assert list(bwd_args[-1]) == [False, True, True, True, False, True, False]  # no dx; no biases here
+    assert bwd_out[0].numel() == 0  # no dx buffer
+    assert all(p.grad is None for p in t.model.model.vision_model.parameters())
+    assert t.model.lm_head.weight.grad is None
+    assert all(p.grad is None for p in t.model.model.layers.parameters())
+    assert all(p.grad is not None for p in t.model.model.vision_projection.parameters())
+
+
 def test_bf16_autocast_loss_is_close_to_fp32(checkpoint, data, processor):
     model = LongVITAForCausalLM.from_pretrained(checkpoint)
     apply_trainable(model, "all")

@@ -82,6 +82,9 @@ def lm_head():
         pos = torch.tensor([0, 39, -1, 5, 5], device=DEV)
         close("lm_head", vita_ext.masked_lm_head(hidden, weight, pos),
               R.masked_lm_head(hidden.double(), weight.double(), pos), 2e-2)
+        if DEV == "cuda":  # the on-device range check (the CPU raises instead)
+            bad = vita_ext.masked_lm_head(hidden, weight, torch.tensor([40, 0], device=DEV))
+            assert torch.isnan(bad[0]).all() and not torch.isnan(bad[1]).any(), "lm_head: bad position not NaN"
 
 
 def cross_entropy():
@@ -93,17 +96,24 @@ def cross_entropy():
             weight = rnd(3 * 64 + 17, 24, dtype=dtype, scale=0.5)
             labels = torch.randint(0, weight.shape[0], (37,), device=DEV)
             labels[::3] = -100
-            for reduction in ("mean", "none"):
-                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-                loss = vita_ext.masked_linear_cross_entropy(h, w, labels, reduction=reduction)
+            count = int((labels != -100).sum())
+            # (reduction, num_supervised, grad_in_forward, weight trainable): the recomputing backward, the
+            # host-sync-free selection, the gradient formed in the forward, a frozen head (no dW GEMM).
+            for reduction, num, gif, w_grad in (("mean", None, False, True), ("none", None, False, True),
+                                                ("sum", count, False, True), ("mean", count, True, True),
+                                                ("sum", None, True, False), ("mean", count, False, False)):
+                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(w_grad)
+                loss = vita_ext.masked_linear_cross_entropy(h, w, labels, reduction=reduction, num_supervised=num,
+                                                            grad_in_forward=gif)
                 h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
                 ref = R.masked_linear_cross_entropy(h64, w64, labels, reduction=reduction)
                 close("ce loss", loss, ref, 2e-2)
                 cot = rnd(*loss.shape)
-                got = torch.autograd.grad(loss, (h, w), cot)
+                got = torch.autograd.grad(loss, (h, w) if w_grad else (h,), cot)
                 want = torch.autograd.grad(ref, (h64, w64), cot.double())
                 close("ce dh", got[0], want[0], 2e-2)
-                close("ce dw", got[1], want[1], 2e-2)
+                if w_grad:
+                    close("ce dw", got[1], want[1], 2e-2)
     finally:
         del os.environ["VITA_EXT_CE_VOCAB_CHUNK"], os.environ["VITA_EXT_CE_ROW_CHUNK"]
 
@@ -119,17 +129,23 @@ def projector():
             leaves = [full.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
             x = leaves[0][:, 1:, :]
             lnw, lnb, w1, b1, w2, b2 = leaves[1:]
-            y = vita_ext.pixel_shuffle_projector(x, lnw, lnb, w1, w2, b1=b1, b2=b2)
             ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
             rx = ref_leaves[0][:, 1:, :]
             rl = ref_leaves[1:]
             ry = R.pixel_shuffle_projector(rx, rl[0], rl[1], rl[2], rl[4], b1=rl[3], b2=rl[5])
-            close("projector y", y, ry, 5e-2)
-            gy = rnd(*y.shape)
-            got = torch.autograd.grad(y, leaves, gy.to(y.dtype))
+            gy = rnd(*ry.shape)
             want = torch.autograd.grad(ry, ref_leaves, gy.double())
-            for i, (a, b) in enumerate(zip(got, want)):
-                close(f"projector grad {i}", a, b, 1e-1)
+            # recompute (the CUDA default) and saved activations, each with all gradients and with the
+            # ViT frozen (x without grad: no dx, no LayerNorm-backward kernel).
+            for recompute in (True, False):
+                for with_x in (True, False):
+                    use = leaves if with_x else leaves[1:]
+                    y = vita_ext.pixel_shuffle_projector(x if with_x else x.detach(), lnw, lnb, w1, w2, b1=b1, b2=b2,
+                                                         recompute=recompute)
+                    close("projector y", y, ry, 5e-2)
+                    got = torch.autograd.grad(y, use, gy.to(y.dtype))
+                    for i, (a, b) in enumerate(zip(got, want if with_x else want[1:])):
+                        close(f"projector grad {i} (recompute={recompute}, x grad={with_x})", a, b, 1e-1)
 
 
 if __name__ == "__main__":

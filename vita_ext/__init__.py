@@ -7,7 +7,9 @@ classes load on first use.
 from vita_ext import reference
 from vita_ext._build import build_info
 from vita_ext.ops import (
+    attention_backends,
     attention_lse,
+    attention_lse_backward,
     masked_linear_cross_entropy,
     masked_lm_head,
     merge_attention_,
@@ -42,7 +44,9 @@ def __getattr__(name):
 
 
 __all__ = [
+    "attention_backends",
     "attention_lse",
+    "attention_lse_backward",
     "build_info",
     "masked_linear_cross_entropy",
     "masked_lm_head",

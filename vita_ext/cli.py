@@ -1,6 +1,7 @@
 """The ``vita-ext`` command line (also ``python -m vita_ext``).
 
     vita-ext generate [--model DIR] [--image PATH ...] [--video PATH ...] --prompt TEXT [...]
+    vita-ext serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--media-root DIR] [...]
     vita-ext random-checkpoint DIR [--preset tiny|long-vita-14b] [--dtype bfloat16] [...]
     vita-ext train --stage N --data FILE.jsonl --model DIR --out DIR [--seq-len N] [--max-steps N] [--config FILE] [...]
     vita-ext plot-train OUT_OR_METRICS [...] --out loss.png
@@ -114,8 +115,48 @@ def _generate(args, device: torch.device, is_main: bool) -> int:
     _log(f"prompt tokens: {out.prompt_tokens} ({tiles} tile{'s' if tiles != 1 else ''}) | "
          f"vision encode: {out.vision_seconds:.3f} s | prefill: {out.prefill_seconds:.3f} s | "
          f"decode: {n_new} tokens, {out.decode_tokens_per_second:.1f} tokens/s | "
-         f"peak memory: {out.peak_memory_bytes / 2**20:.0f} MiB ({device.type})")
+         f"peak memory: {out.peak_memory_bytes / 2**20:.0f} MiB ({device.type}) | "
+         f"attention: {_attention_line(out.extra.get('attention', {}))}")
     return 0
+
+
+def _attention_line(phases: dict[str, str]) -> str:
+    """"flash" when one backend served every phase that ran, else "vision flash, prefill flash, decode vita"."""
+    ran = {p: b for p, b in phases.items() if b != "none"}
+    if not ran:
+        return "none"
+    if len(set(ran.values())) == 1:
+        return next(iter(ran.values()))
+    return ", ".join(f"{p} {b}" for p, b in ran.items())
+
+
+def cmd_serve(args) -> int:
+    try:
+        from vita_ext.serve import ServeOptions, serve
+    except ImportError as exc:
+        raise ValueError(f"vita-ext serve needs the server packages ({exc.name} is missing): "
+                         f"pip install 'vita_ext[serve]'") from exc
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
+                                      "vita-ext-default")
+    options = ServeOptions(host=args.host, port=args.port, model_name=name,
+                           api_key=args.api_key or os.environ.get("VITA_EXT_API_KEY") or None,
+                           media_root=args.media_root, max_model_len=args.max_model_len, max_frames=args.max_frames,
+                           max_tiles=args.max_tiles, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
+                           cp_timeout=args.cp_timeout, log_level=args.log_level, access_log=not args.no_access_log)
+    if args.media_root is not None and not os.path.isdir(args.media_root):
+        raise FileNotFoundError(f"--media-root {args.media_root}: no such directory")
+    if not args.context_parallel:
+        device = _device(args.device)
+        model, processor, gen_cfg = _load(args, device, _dtype(args.dtype, device))
+        return serve(model, processor, gen_cfg, options)
+    from vita_ext.parallel import init_distributed, shutdown_distributed
+
+    device = init_distributed(args.cp_timeout)
+    try:
+        model, processor, gen_cfg = _load(args, device, _dtype(args.dtype, device))
+        return serve(model, processor, gen_cfg, options, context_parallel=True)
+    finally:
+        shutdown_distributed()
 
 
 def cmd_random_checkpoint(args) -> int:
@@ -195,6 +236,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the prompt over the ranks of torchrun (ring attention, sharded KV cache)")
     g.add_argument("--cp-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (POST /v1/chat/completions)",
+                       description="Serve the model over HTTP with the OpenAI chat-completions API, one request at "
+                                   "a time in arrival order. Under `torchrun --nproc-per-node P -m vita_ext serve "
+                                   "--context-parallel`, rank 0 serves and every rank runs each request.")
+    s.add_argument("--model", help="checkpoint directory (HF release layout); default: the embedded tiny model")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the checkpoint directory's name; "
+                        "vita-ext-default for the embedded model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $VITA_EXT_API_KEY, else none)")
+    s.add_argument("--media-root", default=None,
+                   help="read request paths only under this directory (default: any path the server can read)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + new tokens limit (default: the model's max_position_embeddings)")
+    s.add_argument("--max-frames", type=int, default=128, help="frames sampled per video, and the most a request "
+                                                                 "may ask for (default 128)")
+    s.add_argument("--max-tiles", type=int, default=12, help="448-px tiles per image, and the most a request may "
+                                                             "ask for (default 12)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
+    s.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, MiB (default 64; 413 past it)")
+    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    s.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    s.add_argument("--context-parallel", action="store_true",
+                   help="run every request over the ranks of torchrun (rank 0 serves HTTP)")
+    s.add_argument("--cp-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--no-access-log", action="store_true", help="no line per HTTP request")
+    s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("random-checkpoint", help="write a seeded random-weight checkpoint in the release layout")
     r.add_argument("out", help="output directory")

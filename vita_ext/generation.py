@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from vita_ext.model.language import LocalAttention
+from vita_ext.ops.attention_dispatch import BACKEND_CALLS, backends_between
 
 
 @dataclass
@@ -161,9 +163,11 @@ def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, conte
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     input_ids = input_ids.to(device)
+    calls = [Counter(BACKEND_CALLS)]
     t0 = _sync(device)
     embeds = model.embed(input_ids, pixel_values, context_positions, progress=progress)
     t1 = _sync(device)
+    calls.append(Counter(BACKEND_CALLS))
     s = input_ids.shape[1]
     cache = model.new_cache(1, s + cfg.max_new_tokens)
     attention = LocalAttention(cache)
@@ -174,7 +178,9 @@ def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, conte
     del embeds
     logits = model.head(hidden[0], torch.tensor([hidden.shape[1] - 1], device=device))[0]
     t2 = _sync(device)
+    calls.append(Counter(BACKEND_CALLS))
     seen = input_ids[0].clone()
+    first_row = torch.zeros(1, dtype=torch.long, device=device)  # made once: no host-to-device copy per step
     new: list[int] = []
     stopped = False
     while len(new) < cfg.max_new_tokens:
@@ -191,8 +197,15 @@ def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, conte
         seen = torch.cat([seen, token_t[0]])
         hidden = model.decode(model.model.embed_tokens(token_t), torch.tensor([[cache.length]], device=device),
                               attention)
-        logits = model.head(hidden[0], torch.tensor([0], device=device))[0]
+        logits = model.head(hidden[0], first_row)[0]
     t3 = _sync(device)
+    calls.append(Counter(BACKEND_CALLS))
     return GenerateOutput(sequences=torch.tensor([new], dtype=torch.long), prompt_tokens=s, vision_seconds=t1 - t0,
                           prefill_seconds=t2 - t1, decode_seconds=t3 - t2, peak_memory_bytes=peak_memory(device),
-                          stopped_on_eos=stopped)
+                          stopped_on_eos=stopped, extra={"attention": attention_phases(calls)})
+
+
+def attention_phases(calls: list[Counter]) -> dict[str, str]:
+    """{"vision", "prefill", "decode"} -> the attention backends that served each phase, from snapshots of
+    BACKEND_CALLS taken at the phase boundaries."""
+    return {phase: backends_between(before, after) for phase, before, after in zip(("vision", "prefill", "decode"), calls, calls[1:])}

@@ -54,6 +54,11 @@ def masked_linear_cross_entropy(hidden_states: Tensor, weight: Tensor, labels: T
     """Cross-entropy of the logits hidden_states @ weight^T against labels, as Hugging Face computes it
     (logits at the input dtype, upcast to fp32 for the softmax). Ignored rows count neither in the sum
     nor in the mean; 'none' gives 0 at them. Shapes: [T, H], [V, H], [T] -> [] or [T] (fp32 or fp64).
+    NaN/Inf: the op propagates those of the rows it reads (supervised rows of hidden_states, all of
+    weight) exactly as this function does. It never reads an ignored row, like the composition on the
+    supervised rows ``F.cross_entropy(F.linear(h[keep], W).float(), labels[keep])``; this function's
+    own backward would turn a non-finite value in an ignored row into NaN gradients (log_softmax's
+    backward multiplies it by the row's zero gradient).
     """
     logits = F.linear(hidden_states, weight)
     return F.cross_entropy(logits.to(_acc_dtype(logits.dtype)), labels, ignore_index=ignore_index,

@@ -186,9 +186,11 @@ void forward(const Fwd<T, A>& a) {
 
 std::tuple<at::Tensor, at::Tensor> attention_lse_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool causal, double softmax_scale,
-                                                     const c10::optional<at::Tensor>& cu_seqlens) {
+                                                     const c10::optional<at::Tensor>& cu_seqlens,
+                                                     c10::optional<int64_t> max_seqlen) {
   const char* op = "vita_ext::attention_lse";
-  const std::vector<int64_t> cu = attn::check_attention_lse_args(op, q_in, k_in, v_in, cu_seqlens);
+  // On the CPU the offsets are always checked on the host (free here); max_seqlen is only range-checked.
+  const std::vector<int64_t> cu = attn::check_attention_lse_args(op, q_in, k_in, v_in, cu_seqlens, max_seqlen);
   const at::Tensor q = attn::inner_contiguous(q_in), k = attn::inner_contiguous(k_in),
                    v = attn::inner_contiguous(v_in);
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
@@ -196,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> attention_lse_cpu(const at::Tensor& q_in, con
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(attn::lse_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
   at::Tensor cu_keep;
-  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep);
+  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep, cu_seqlens, max_seqlen);
   at::Tensor lse_acc = at::empty({B, Hq, Sq}, q.options().dtype(math_dtype(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_lse_cpu", [&] {
     using A = MathT<scalar_t>;
@@ -366,10 +368,11 @@ void backward(const Bwd<T, A>& a) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_lse_backward_cpu(
     const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
-    double softmax_scale, const c10::optional<at::Tensor>& cu_seqlens) {
+    double softmax_scale, const c10::optional<at::Tensor>& cu_seqlens, c10::optional<int64_t> max_seqlen) {
   const char* op = "vita_ext::attention_lse_backward";
   const std::vector<int64_t> cu = attn::check_attention_lse_backward_args(op, grad_out_in, grad_lse, q_in, k_in,
-                                                                          v_in, out_in, lse_in, cu_seqlens);
+                                                                          v_in, out_in, lse_in, cu_seqlens,
+                                                                          max_seqlen);
   const at::Tensor q = attn::inner_contiguous(q_in), k = attn::inner_contiguous(k_in),
                    v = attn::inner_contiguous(v_in), dout = attn::inner_contiguous(grad_out_in),
                    out = attn::inner_contiguous(out_in), lse = lse_in.contiguous();
@@ -391,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_lse_backward_cpu(
   at::Tensor delta = at::empty({B, Hq, Sq}, acc);
   at::Tensor dq_acc = at::zeros({B, Hq, Sq, D}, acc);
   at::Tensor cu_keep;
-  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep);
+  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep, cu_seqlens, max_seqlen);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_lse_backward_cpu", [&] {
     using A = MathT<scalar_t>;
     if (out.scalar_type() == q.scalar_type()) {

@@ -1,221 +1,320 @@
 // pixel_shuffle_projector on the CPU: y = gelu(layer_norm(pixel_shuffle(x)) @ w1^T + b1) @ w2^T + b2.
 //
-// Algorithm. Rows are processed in chunks of kChunkRows shuffled rows so temporaries stay bounded.
-// Per chunk: a LayerNorm loop over rows (at::parallel_for) gathers the four C-long runs of each
-// shuffled row straight from x (the shuffled tensor is never formed), computes fp32 mean and variance
-// (two passes over the gathered row) and writes xn; then h = xn @ w1^T + b1 (at::addmm), exact GELU
-// in place, y = g @ w2^T + b2, cast into the output. Half types compute in fp32 (weights converted
-// once per call); fp64 computes in fp64 (gradcheck).
-// The backward recomputes xn and h per chunk (nothing but the inputs is saved), then
-// dW2 += dy^T g, db2 += sum dy, dh = (dy w2) * gelu'(h), dW1 += dh^T xn, db1 += sum dh, dxn = dh w1,
-// dln_weight += sum dxn*xhat, dln_bias += sum dxn, and per row the LayerNorm backward
-// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dxn * ln_weight, written
-// to the four runs of x's (unshuffled) layout. Parameter gradients accumulate in fp32 across chunks.
+// Algorithm. GEMMs and the GELU run through ATen (oneDNN/MKL GEMMs in the GEMM dtype of cpu/cpu_gemm.h:
+// bf16 on CPUs with native bf16 dot products, rounded once as PyTorch's eager matmul does, else fp32;
+// at::gelu / at::gelu_backward, ATen's vectorized kernels). Our code is what PyTorch does not fuse: the
+// pixel shuffle + LayerNorm as one pass (rows::layernorm gathers the four C-long runs of each shuffled
+// row straight from x; the shuffled tensor is never formed) and its backward (rows::layernorm_backward
+// writes dx straight into x's unshuffled layout and accumulates the LayerNorm parameter gradients).
+// Rows are processed in chunks of kChunkRows shuffled rows so temporaries stay bounded.
+//   forward, per chunk: xn = shuffle_layernorm(x) (fp32 statistics); h = xn @ w1^T + b1 (addmm);
+//     g = gelu(h); y = g @ w2^T + b2. With save_activations, xn, h, g and the statistics are written
+//     to the saved tensors instead of temporaries (as eager autograd keeps them), so the backward
+//     recomputes nothing.
+//   backward, per chunk, from the saved activations or recomputing them: dW2 += dy^T g, db2 += sum dy,
+//     dg = dy w2, dh = gelu_backward(dg, h), dW1 += dh^T xn, db1 += sum dh, dxn = dh w1, and per row
+//     the LayerNorm backward dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat =
+//     dxn * ln_weight, dln_weight += sum dxn*xhat, dln_bias += sum dxn. Each step runs only for the
+//     gradients asked for (output_mask): a frozen ViT costs no dx and no LayerNorm-backward row pass,
+//     frozen weights no dW GEMMs. Parameter gradients accumulate in fp32 across chunks (in fixed
+//     64-row slabs for the LayerNorm ones: deterministic).
 //
-// Cost, M = N*L/4 rows, K = 4C: forward 2*M*(K*D1 + D1*D2) FLOPs, reads x once (M*K elements) and
-// the weights, writes M*D2; backward 2*M*(3*K*D1 + 2*D1*D2) FLOPs (h recompute, dW1, dxn; dW2, dg)
-// plus O(M*(K + D1)) elementwise work.
+// Cost, M = N*L/4 rows, K = 4C: forward 2*M*(K*D1 + D1*D2) FLOPs, reads x once (M*K elements) and the
+// weights, writes M*D2. Backward, per gradient: 2*M*D1*D2 for dW2; 2*M*D1*D2 (dg) + 2*M*K*D1 for dW1,
+// + 2*M*K*D1 (dxn) for dx / dln_*; plus 2*M*K*D1 for the recomputed h without saved activations; and
+// O(M*(K + D1)) elementwise work. Saved activations: M*(K + 2*D1) elements of x's dtype + 2*M fp32.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
+#include "cpu/cpu_gemm.h"
+#include "cpu/row_kernels.h"
 #include "pixel_shuffle_projector.h"
 
 namespace vita_ext {
 namespace {
 
 constexpr int64_t kChunkRows = 4096;
+constexpr int64_t kSlabRows = 64;  // rows per partial sum of the LayerNorm parameter gradients
 
-// Weights in the compute dtype, converted once per call.
-struct AccParams {
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+// Parameters in the dtypes the kernels use: LayerNorm affine in the accumulation dtype (row kernels),
+// Linear weights and biases in the GEMM dtype. Converted once per call.
+struct Params {
   at::Tensor lnw, lnb, w1, b1, w2, b2;  // b1/b2 undefined when absent
 };
 
-AccParams to_acc(at::ScalarType acc, const at::Tensor& lnw, const at::Tensor& lnb, const at::Tensor& w1,
-                 const c10::optional<at::Tensor>& b1, const at::Tensor& w2, const c10::optional<at::Tensor>& b2) {
-  auto cvt = [acc](const at::Tensor& t) { return t.to(acc).contiguous(); };
-  AccParams p{cvt(lnw), cvt(lnb), cvt(w1), at::Tensor(), cvt(w2), at::Tensor()};
-  if (b1.has_value()) p.b1 = cvt(*b1);
-  if (b2.has_value()) p.b2 = cvt(*b2);
+Params make_params(at::ScalarType acc, at::ScalarType gd, const at::Tensor& lnw, const at::Tensor& lnb,
+                   const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                   const c10::optional<at::Tensor>& b2) {
+  Params p{lnw.to(acc).contiguous(), lnb.to(acc).contiguous(), in_dtype(w1, gd), at::Tensor(), in_dtype(w2, gd),
+           at::Tensor()};
+  if (b1.has_value()) p.b1 = in_dtype(*b1, gd);
+  if (b2.has_value()) p.b2 = in_dtype(*b2, gd);
   return p;
 }
 
-// Gathers shuffled rows [m0, m0+rows) from x and normalises them: xn = xhat * w + b. xhat, mean and
-// rstd are written too when their pointers are non-null (the backward needs them).
-template <typename scalar_t, typename acc_t>
-void shuffle_layernorm_rows(const scalar_t* x, const PspGeom& geo, int64_t C, int64_t m0, int64_t rows,
-                            const acc_t* w, const acc_t* b, double eps, acc_t* xn, acc_t* xhat, acc_t* rstd_out) {
+// out = a @ w^T (+ b), into out (a view of a contiguous buffer).
+void linear_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& b) {
+  if (b.defined()) {
+    at::addmm_out(out, b, a, w.t());
+  } else {
+    at::mm_out(out, a, w.t());
+  }
+}
+
+// Shuffled rows [m0, m0 + rows) of x, normalised: xn (out_t, [rows, K]) and their mean/rstd.
+template <typename x_t, typename out_t, typename acc_t>
+void shuffle_layernorm(const at::Tensor& x, const PspGeom& geo, int64_t C, int64_t m0, int64_t rows,
+                       const Params& p, double eps, at::Tensor& xn, acc_t* mean, acc_t* rstd) {
+  const x_t* xp = x.data_ptr<x_t>();
+  out_t* out = xn.data_ptr<out_t>();
+  const acc_t* w = p.lnw.data_ptr<acc_t>();
+  const acc_t* b = p.lnb.data_ptr<acc_t>();
   const int64_t K = 4 * C;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(K);
     for (int64_t r = begin; r < end; ++r) {
-      acc_t* out = xn + r * K;
-      for (int q = 0; q < 4; ++q) {
-        const scalar_t* src = x + geo.run_offset(m0 + r, q);
-        for (int64_t c = 0; c < C; ++c) out[q * C + c] = static_cast<acc_t>(src[c]);
-      }
-      acc_t sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += out[k];
-      const acc_t mean = sum / static_cast<acc_t>(K);
-      acc_t sq = 0;
-      for (int64_t k = 0; k < K; ++k) sq += (out[k] - mean) * (out[k] - mean);
-      const acc_t rstd = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(K) + static_cast<acc_t>(eps));
-      acc_t* xh = xhat ? xhat + r * K : nullptr;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t v = (out[k] - mean) * rstd;
-        if (xh) xh[k] = v;
-        out[k] = v * w[k] + b[k];
-      }
-      if (rstd_out) rstd_out[r] = rstd;
+      const x_t* runs[4];
+      for (int q = 0; q < 4; ++q) runs[q] = xp + geo.run_offset(m0 + r, q);
+      rows::layernorm(runs, 4, C, w, b, static_cast<acc_t>(eps), scratch.data(), out + r * K, mean[r], rstd[r]);
     }
   });
 }
 
-template <typename acc_t>
-inline acc_t gelu_erf(acc_t v) {
-  return acc_t(0.5) * v * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
-}
-
-// d gelu(v) / dv = Phi(v) + v * phi(v).
-template <typename acc_t>
-inline acc_t gelu_erf_grad(acc_t v) {
-  const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
-  const acc_t pdf = std::exp(acc_t(-0.5) * v * v) * acc_t(0.5 * M_2_SQRTPI * M_SQRT1_2);
-  return cdf + v * pdf;
-}
-
-template <typename acc_t>
-void gelu_inplace(at::Tensor& h) {
-  acc_t* p = h.data_ptr<acc_t>();
-  at::parallel_for(0, h.numel(), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) p[i] = gelu_erf(p[i]);
+// LayerNorm backward of rows [m0, m0 + rows): dx (when dx_geo is given) into x's unshuffled layout, and
+// the LayerNorm parameter gradients' column sums added to dlnw / dlnb (when defined), summed per
+// kSlabRows-row slab and then over slabs in order.
+template <typename x_t, typename d_t, typename acc_t>
+void layernorm_backward_rows(const at::Tensor& x, const PspGeom& geo, int64_t C, int64_t m0, int64_t rows,
+                             const at::Tensor& dxn, const Params& p, const acc_t* mean, const acc_t* rstd,
+                             at::Tensor* dx, const PspGeom& dgeo, at::Tensor& dlnw, at::Tensor& dlnb) {
+  const int64_t K = 4 * C, slabs = (rows + kSlabRows - 1) / kSlabRows;
+  const x_t* xp = x.data_ptr<x_t>();
+  const d_t* g = dxn.data_ptr<d_t>();
+  const acc_t* w = p.lnw.data_ptr<acc_t>();
+  x_t* dxp = dx != nullptr ? dx->data_ptr<x_t>() : nullptr;
+  const auto aopt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor part_w = dlnw.defined() ? at::empty({slabs, K}, aopt) : at::Tensor();
+  at::Tensor part_b = dlnb.defined() ? at::empty({slabs, K}, aopt) : at::Tensor();
+  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(K);
+    for (int64_t s = begin; s < end; ++s) {
+      acc_t* sw = part_w.defined() ? part_w.data_ptr<acc_t>() + s * K : nullptr;
+      acc_t* sb = part_b.defined() ? part_b.data_ptr<acc_t>() + s * K : nullptr;
+      if (sw != nullptr) std::fill(sw, sw + K, acc_t(0));
+      if (sb != nullptr) std::fill(sb, sb + K, acc_t(0));
+      for (int64_t r = s * kSlabRows; r < std::min(rows, (s + 1) * kSlabRows); ++r) {
+        const x_t* runs[4];
+        x_t* dx_runs[4];
+        for (int q = 0; q < 4; ++q) {
+          runs[q] = xp + geo.run_offset(m0 + r, q);
+          if (dxp != nullptr) dx_runs[q] = dxp + dgeo.run_offset(m0 + r, q);
+        }
+        rows::layernorm_backward(runs, 4, C, g + r * K, w, mean[r], rstd[r], scratch.data(),
+                                 dxp != nullptr ? dx_runs : nullptr, sw, sb);
+      }
+    }
   });
+  if (part_w.defined()) dlnw.add_(part_w.sum(0));
+  if (part_b.defined()) dlnb.add_(part_b.sum(0));
 }
 
-// g = gelu(h) and dh = dg * gelu'(h) (dg is overwritten by dh).
-template <typename acc_t>
-void gelu_grad_inplace(const at::Tensor& h, at::Tensor& dg) {
-  const acc_t* hp = h.data_ptr<acc_t>();
-  acc_t* dp = dg.data_ptr<acc_t>();
-  at::parallel_for(0, h.numel(), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dp[i] *= gelu_erf_grad(hp[i]);
-  });
+// The two above for a GEMM dtype gd chosen at run time: x's own dtype, or fp32 for half types.
+template <typename x_t, typename acc_t = at::opmath_type<x_t>>
+void ln_forward(at::ScalarType gd, const at::Tensor& x, const PspGeom& geo, int64_t C, int64_t m0, int64_t rows,
+                const Params& p, double eps, at::Tensor& xn, acc_t* mean, acc_t* rstd) {
+  if constexpr (!std::is_same_v<x_t, acc_t>) {
+    if (gd == at::kFloat) return shuffle_layernorm<x_t, float, acc_t>(x, geo, C, m0, rows, p, eps, xn, mean, rstd);
+  }
+  shuffle_layernorm<x_t, x_t, acc_t>(x, geo, C, m0, rows, p, eps, xn, mean, rstd);
 }
 
-at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor& b) {
-  return b.defined() ? at::addmm(b, a, w.t()) : at::mm(a, w.t());
+template <typename x_t, typename acc_t = at::opmath_type<x_t>>
+void ln_backward(at::ScalarType gd, const at::Tensor& x, const PspGeom& geo, int64_t C, int64_t m0, int64_t rows,
+                 const at::Tensor& dxn, const Params& p, const acc_t* mean, const acc_t* rstd, at::Tensor* dx,
+                 const PspGeom& dgeo, at::Tensor& dlnw, at::Tensor& dlnb) {
+  if constexpr (!std::is_same_v<x_t, acc_t>) {
+    if (gd == at::kFloat) {
+      return layernorm_backward_rows<x_t, float, acc_t>(x, geo, C, m0, rows, dxn, p, mean, rstd, dx, dgeo, dlnw,
+                                                        dlnb);
+    }
+  }
+  layernorm_backward_rows<x_t, x_t, acc_t>(x, geo, C, m0, rows, dxn, p, mean, rstd, dx, dgeo, dlnw, dlnb);
 }
 
-at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                       const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-                       const c10::optional<at::Tensor>& b2, double eps) {
+// A parameter gradient summed over row chunks: the first chunk's product (or column sum) is kept as it
+// comes (one GEMM rounding, as eager autograd); a second chunk switches to an fp32 (fp64) accumulator.
+struct GradSum {
+  at::ScalarType acc;
+  at::Tensor total;  // undefined until the first chunk
+  void add(const at::Tensor& part) {
+    if (!total.defined()) {
+      total = part;
+      return;
+    }
+    if (total.scalar_type() != acc) total = total.to(acc);
+    total.add_(part);
+  }
+  void add_mm(const at::Tensor& a, const at::Tensor& b) { add(at::mm(a, b)); }
+  void add_colsum(const at::Tensor& a) { add(at::sum(a, {0}, false, acc)); }
+  // Shaped, strided and typed like proto (what the fake kernel promises); zeros when nothing was added.
+  at::Tensor result(const at::Tensor& proto) const {
+    if (!total.defined()) return at::zeros_like(proto);
+    if (total.scalar_type() == proto.scalar_type() && total.strides() == proto.strides()) return total;
+    return at::empty_like(proto).copy_(total);
+  }
+};
+
+using Outputs5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs5 forward_cpu(const at::Tensor& x_in, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                     const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                     const c10::optional<at::Tensor>& b2, double eps, bool save) {
   const PspDims d = check_pixel_shuffle_projector_args("vita_ext::pixel_shuffle_projector", x_in, ln_weight,
                                                        ln_bias, w1, b1, w2, b2);
+  const auto dt = x_in.scalar_type(), acc = psp_acc_dtype(dt), gd = cpu_gemm::gemm_dtype(dt);
   at::Tensor y = at::empty({d.N, d.T, d.D2}, x_in.options());
-  if (d.M == 0) return y;
+  PspSaved s;
+  if (save) {
+    s = PspSaved{at::empty({d.M, d.K}, x_in.options()), at::empty({d.M, d.D1}, x_in.options()),
+                 at::empty({d.M, d.D1}, x_in.options()), at::empty({2, d.M}, x_in.options().dtype(acc)), true};
+  }
+  auto outputs = [&]() -> Outputs5 {
+    if (!save) return {y, psp_not_asked(x_in), psp_not_asked(x_in), psp_not_asked(x_in), psp_not_asked(x_in)};
+    return {y, s.xn, s.h, s.g, s.stats};
+  };
+  if (d.M == 0) return outputs();
   const at::Tensor x = psp_inner_contiguous(x_in);
   const PspGeom geo = psp_geom(d, x);
+  const Params p = make_params(acc, gd, ln_weight, ln_bias, w1, b1, w2, b2);
   at::Tensor y2 = y.view({d.M, d.D2});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_projector_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const AccParams p = to_acc(acc, ln_weight, ln_bias, w1, b1, w2, b2);
+  const auto gopt = x.options().dtype(gd);
+  at::Tensor stats = save ? s.stats : at::empty({2, std::min(kChunkRows, d.M)}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "pixel_shuffle_projector_cpu", [&] {
+    using x_t = scalar_t;
+    using acc_t = at::opmath_type<x_t>;
+    const bool direct = gd == dt;  // GEMMs write straight into the saved tensors / y
     for (int64_t m0 = 0; m0 < d.M; m0 += kChunkRows) {
       const int64_t rows = std::min(kChunkRows, d.M - m0);
-      at::Tensor xn = at::empty({rows, d.K}, x.options().dtype(acc));
-      shuffle_layernorm_rows<scalar_t, acc_t>(x.data_ptr<scalar_t>(), geo, d.C, m0, rows, p.lnw.data_ptr<acc_t>(),
-                                              p.lnb.data_ptr<acc_t>(), eps, xn.data_ptr<acc_t>(), nullptr, nullptr);
-      at::Tensor h = linear(xn, p.w1, p.b1);
-      gelu_inplace<acc_t>(h);
-      y2.narrow(0, m0, rows).copy_(linear(h, p.w2, p.b2));
-    }
-  });
-  return y;
-}
-
-// LayerNorm backward of rows [m0, m0+rows), scattered into dx's unshuffled layout.
-template <typename scalar_t, typename acc_t>
-void layernorm_backward_unshuffle(const acc_t* dxn, const acc_t* xhat, const acc_t* rstd, const acc_t* w,
-                                  int64_t C, int64_t m0, int64_t rows, const PspGeom& dgeo, scalar_t* dx) {
-  const int64_t K = 4 * C;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const acc_t* g = dxn + r * K;
-      const acc_t* xh = xhat + r * K;
-      acc_t s1 = 0, s2 = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t dxh = g[k] * w[k];
-        s1 += dxh;
-        s2 += dxh * xh[k];
+      auto slice = [&](const at::Tensor& t) { return t.narrow(0, m0, rows); };
+      at::Tensor xn = save && direct ? slice(s.xn) : at::empty({rows, d.K}, gopt);
+      acc_t* mean = stats.data_ptr<acc_t>() + (save ? m0 : 0);
+      acc_t* rstd = mean + stats.size(1);
+      ln_forward<x_t>(gd, x, geo, d.C, m0, rows, p, eps, xn, mean, rstd);
+      at::Tensor h = save && direct ? slice(s.h) : at::empty({rows, d.D1}, gopt);
+      linear_out(h, xn, p.w1, p.b1);
+      at::Tensor g = h;
+      if (save) {
+        g = direct ? slice(s.g) : at::empty({rows, d.D1}, gopt);
+        at::gelu_out(g, h);
+      } else {
+        at::gelu_(h);
       }
-      s1 /= static_cast<acc_t>(K);
-      s2 /= static_cast<acc_t>(K);
-      for (int q = 0; q < 4; ++q) {
-        scalar_t* dst = dx + dgeo.run_offset(m0 + r, q);
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t k = q * C + c;
-          dst[c] = static_cast<scalar_t>(rstd[r] * (g[k] * w[k] - s1 - xh[k] * s2));
-        }
+      at::Tensor yc = slice(y2);
+      if (direct) {
+        linear_out(yc, g, p.w2, p.b2);
+      } else {
+        at::Tensor tmp = at::empty({rows, d.D2}, gopt);
+        linear_out(tmp, g, p.w2, p.b2);
+        yc.copy_(tmp);
+      }
+      if (save && !direct) {
+        slice(s.xn).copy_(xn);
+        slice(s.h).copy_(h);
+        slice(s.g).copy_(g);
       }
     }
   });
-}
-
-// Copies an fp32 (or fp64) accumulator into a tensor shaped and strided like the fake kernel's output.
-at::Tensor like(const at::Tensor& proto, const at::Tensor& acc) {
-  return at::empty_like(proto).copy_(acc);
+  return outputs();
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Grads backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& ln_weight,
                    const at::Tensor& ln_bias, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                   const at::Tensor& w2, const c10::optional<at::Tensor>& b2, double eps) {
-  const PspDims d = check_pixel_shuffle_projector_backward_args("vita_ext::pixel_shuffle_projector_backward",
-                                                                grad_y, x_in, ln_weight, ln_bias, w1, b1, w2, b2);
+                   const at::Tensor& w2, const c10::optional<at::Tensor>& b2, double eps,
+                   const c10::optional<at::Tensor>& xn_saved, const c10::optional<at::Tensor>& h_saved,
+                   const c10::optional<at::Tensor>& g_saved, const c10::optional<at::Tensor>& stats_saved,
+                   std::array<bool, 7> output_mask) {
+  const char* op = "vita_ext::pixel_shuffle_projector_backward";
+  const PspDims d = check_pixel_shuffle_projector_backward_args(op, grad_y, x_in, ln_weight, ln_bias, w1, b1, w2, b2);
+  const PspSaved s = check_pixel_shuffle_projector_saved(op, d, x_in, xn_saved, h_saved, g_saved, stats_saved);
+  const PspNeeds need = psp_needs(output_mask);
+  const auto dt = x_in.scalar_type(), acc = psp_acc_dtype(dt), gd = cpu_gemm::gemm_dtype(dt);
+  const auto aopt = x_in.options().dtype(acc), gopt = x_in.options().dtype(gd);
   const at::Tensor x = psp_inner_contiguous(x_in);
-  at::Tensor dx = psp_empty_dx(x_in);
-  const PspGeom geo = psp_geom(d, x), dgeo = psp_geom(d, dx);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto aopt = x.options().dtype(acc);
-  at::Tensor dlnw = at::zeros({d.K}, aopt), dlnb = at::zeros({d.K}, aopt);
-  at::Tensor dw1 = at::zeros({d.D1, d.K}, aopt), db1 = at::zeros({d.D1}, aopt);
-  at::Tensor dw2 = at::zeros({d.D2, d.D1}, aopt), db2 = at::zeros({d.D2}, aopt);
-  const at::Tensor gy = grad_y.reshape({d.M, d.D2});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_projector_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const AccParams p = to_acc(acc, ln_weight, ln_bias, w1, b1, w2, b2);
-    for (int64_t m0 = 0; m0 < d.M; m0 += kChunkRows) {
-      const int64_t rows = std::min(kChunkRows, d.M - m0);
-      at::Tensor xn = at::empty({rows, d.K}, aopt), xhat = at::empty({rows, d.K}, aopt);
-      at::Tensor rstd = at::empty({rows}, aopt);
-      shuffle_layernorm_rows<scalar_t, acc_t>(x.data_ptr<scalar_t>(), geo, d.C, m0, rows, p.lnw.data_ptr<acc_t>(),
-                                              p.lnb.data_ptr<acc_t>(), eps, xn.data_ptr<acc_t>(),
-                                              xhat.data_ptr<acc_t>(), rstd.data_ptr<acc_t>());
-      at::Tensor h = linear(xn, p.w1, p.b1);
-      at::Tensor g = h.clone();
-      gelu_inplace<acc_t>(g);
-      const at::Tensor dy = gy.narrow(0, m0, rows).to(acc);
-      dw2.addmm_(dy.t(), g);
-      db2.add_(dy.sum(0));
-      at::Tensor dh = at::mm(dy, p.w2);
-      gelu_grad_inplace<acc_t>(h, dh);
-      dw1.addmm_(dh.t(), xn);
-      db1.add_(dh.sum(0));
-      const at::Tensor dxn = at::mm(dh, p.w1).contiguous();
-      dlnw.add_((dxn * xhat).sum(0));
-      dlnb.add_(dxn.sum(0));
-      layernorm_backward_unshuffle<scalar_t, acc_t>(dxn.data_ptr<acc_t>(), xhat.data_ptr<acc_t>(),
-                                                    rstd.data_ptr<acc_t>(), p.lnw.data_ptr<acc_t>(), d.C, m0, rows,
-                                                    dgeo, dx.data_ptr<scalar_t>());
-    }
-  });
-  return {dx, like(ln_weight, dlnw), like(ln_bias, dlnb), like(w1, dw1), db1.to(w1.scalar_type()), like(w2, dw2),
-          db2.to(w2.scalar_type())};
+  at::Tensor dx = need.dx ? psp_empty_dx(x_in) : psp_not_asked(x_in);
+  const PspGeom geo = psp_geom(d, x), dgeo = need.dx ? psp_geom(d, dx) : geo;
+  GradSum dw1{acc}, db1{acc}, dw2{acc}, db2{acc};
+  at::Tensor dlnw = need.dlnw ? at::zeros({d.K}, aopt) : at::Tensor();
+  at::Tensor dlnb = need.dlnb ? at::zeros({d.K}, aopt) : at::Tensor();
+  if (d.M > 0 && need.any()) {
+    const Params p = make_params(acc, gd, ln_weight, ln_bias, w1, b1, w2, b2);
+    const at::Tensor gy = grad_y.reshape({d.M, d.D2});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "pixel_shuffle_projector_bwd_cpu", [&] {
+      using x_t = scalar_t;
+      using acc_t = at::opmath_type<x_t>;
+      for (int64_t m0 = 0; m0 < d.M; m0 += kChunkRows) {
+        const int64_t rows = std::min(kChunkRows, d.M - m0);
+        auto slice = [&](const at::Tensor& t) { return t.narrow(0, m0, rows); };
+        // The chunk's activations: saved, or recomputed as in the forward (only what is needed).
+        at::Tensor xn, h, g, stats;
+        const bool need_act = need.dw2 || need.dh();
+        if (s.present) {
+          xn = in_dtype(slice(s.xn), gd);
+          h = in_dtype(slice(s.h), gd);
+          g = in_dtype(slice(s.g), gd);
+          stats = s.stats.narrow(1, m0, rows).contiguous();
+        } else if (need_act) {
+          xn = at::empty({rows, d.K}, gopt);
+          stats = at::empty({2, rows}, aopt);
+          acc_t* mean = stats.data_ptr<acc_t>();
+          ln_forward<x_t>(gd, x, geo, d.C, m0, rows, p, eps, xn, mean, mean + rows);
+          h = at::empty({rows, d.D1}, gopt);
+          linear_out(h, xn, p.w1, p.b1);
+          g = need.dw2 ? at::gelu(h) : at::Tensor();
+        }
+        const at::Tensor dy = in_dtype(slice(gy), gd);
+        if (need.dw2) dw2.add_mm(dy.t(), g);
+        if (need.db2) db2.add_colsum(dy);
+        if (!need.dh()) continue;
+        const at::Tensor dh = at::gelu_backward(at::mm(dy, p.w2), h);
+        if (need.dw1) dw1.add_mm(dh.t(), xn);
+        if (need.db1) db1.add_colsum(dh);
+        if (!need.dxn()) continue;
+        const at::Tensor dxn = at::mm(dh, p.w1);
+        const acc_t* mean = stats.data_ptr<acc_t>();
+        const acc_t* rstd = mean + stats.stride(0);
+        ln_backward<x_t>(gd, x, geo, d.C, m0, rows, dxn, p, mean, rstd, need.dx ? &dx : nullptr, dgeo, dlnw,
+                         dlnb);
+      }
+    });
+  }
+  auto out = [&](bool want, const at::Tensor& proto, const GradSum& a) {
+    return want ? a.result(proto) : psp_not_asked(proto);
+  };
+  auto out_ln = [&](bool want, const at::Tensor& proto, const at::Tensor& a) {
+    return want ? at::empty_like(proto).copy_(a) : psp_not_asked(proto);
+  };
+  const at::Tensor b1_proto = at::empty({d.D1}, w1.options()), b2_proto = at::empty({d.D2}, w2.options());
+  return {dx,
+          out_ln(need.dlnw, ln_weight, dlnw),
+          out_ln(need.dlnb, ln_bias, dlnb),
+          out(need.dw1, w1, dw1),
+          out(need.db1, b1_proto, db1),
+          out(need.dw2, w2, dw2),
+          out(need.db2, b2_proto, db2)};
 }
 
 }  // namespace

@@ -380,9 +380,10 @@ void check_grid(const char* op, int64_t tiles, int64_t heads, int64_t batch) {
 
 std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, bool causal, double softmax_scale,
-                                                      const c10::optional<at::Tensor>& cu_seqlens) {
+                                                      const c10::optional<at::Tensor>& cu_seqlens,
+                                                      c10::optional<int64_t> max_seqlen) {
   const char* op = "vita_ext::attention_lse";
-  const std::vector<int64_t> cu = attn::check_attention_lse_args(op, q_in, k_in, v_in, cu_seqlens);
+  const std::vector<int64_t> cu = attn::check_attention_lse_args(op, q_in, k_in, v_in, cu_seqlens, max_seqlen);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = attn::inner_contiguous(q_in), k = attn::inner_contiguous(k_in),
                    v = attn::inner_contiguous(v_in);
@@ -391,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(const at::Tensor& q_in, co
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   at::Tensor cu_keep;
-  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep);
+  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep, cu_seqlens, max_seqlen);
   FwdParams p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
               strides_of(q), strides_of(k), strides_of(v), Sq, k.size(1), Hq, k.size(2), D, softmax_scale, mask};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -434,10 +435,11 @@ void launch_delta(const at::Tensor& dout, const at::Tensor& out, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_lse_backward_cuda(
     const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
-    double softmax_scale, const c10::optional<at::Tensor>& cu_seqlens) {
+    double softmax_scale, const c10::optional<at::Tensor>& cu_seqlens, c10::optional<int64_t> max_seqlen) {
   const char* op = "vita_ext::attention_lse_backward";
   const std::vector<int64_t> cu = attn::check_attention_lse_backward_args(op, grad_out_in, grad_lse, q_in, k_in,
-                                                                          v_in, out_in, lse_in, cu_seqlens);
+                                                                          v_in, out_in, lse_in, cu_seqlens,
+                                                                          max_seqlen);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = attn::inner_contiguous(q_in), k = attn::inner_contiguous(k_in),
                    v = attn::inner_contiguous(v_in), dout = attn::inner_contiguous(grad_out_in),
@@ -456,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_lse_backward_cuda(
   at::Tensor dq_acc = at::zeros(q.sizes(), q.options().dtype(math).memory_format(fmt));
   const at::Tensor dlse = (grad_lse.has_value() && grad_lse->defined()) ? grad_lse->contiguous() : at::Tensor();
   at::Tensor cu_keep;
-  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep);
+  const MaskSpec mask = attn::make_mask(q, k, causal, cu, cu_keep, cu_seqlens, max_seqlen);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BwdParams p{q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr<float>(), delta.data_ptr(),
               dq_acc.data_ptr(), dk.data_ptr(), dv.data_ptr(), strides_of(q), strides_of(k), strides_of(v),

@@ -17,18 +17,24 @@
 //   2. h1 = xn @ w1^T            cublasGemmEx, x-dtype operands, fp32 output and compute.
 //   3. bias_gelu: g = gelu_erf(h1 + b1) in x's dtype.
 //   4. y = g @ w2^T (+ b2)       cublasGemmEx, output in x's dtype (b2 pre-filled, beta = 1).
-// Backward (per chunk, recomputing xn and h1 from the inputs): dW2 += dy^T g, db2 += colsum(dy),
-// dg = dy w2 (fp32), dh = dg * gelu'(h1 + b1), dW1 += dh^T xn, db1 += colsum(dh), dxn = dh w1 (fp32),
-// dln_weight += colsum(dxn * xhat), dln_bias += colsum(dxn) (per-slab partials then an ordered
+// Backward (per chunk; xn, the pre-activation h, g and the LayerNorm statistics come from the forward
+// when it saved them (save_activations), else xn and h1 are recomputed from the inputs): dW2 += dy^T g,
+// db2 += colsum(dy), dg = dy w2 (fp32), dh = dg * gelu'(h), dW1 += dh^T xn, db1 += colsum(dh), dxn = dh w1
+// (fp32), dln_weight += colsum(dxn * xhat), dln_bias += colsum(dxn) (per-slab partials then an ordered
 // second pass: deterministic, no atomics), and layernorm_backward_unshuffle writes
 // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dxn * ln_weight, into the
-// four runs of x's layout (runs of different rows are disjoint: no races).
+// four runs of x's layout (runs of different rows are disjoint: no races). Each step runs only for the
+// gradients asked for (output_mask); a frozen ViT (x without grad) costs no dx buffer and no
+// LayerNorm-backward kernel, frozen Linear weights no dW GEMMs.
 //
 // Cost, M = N*L/4 rows, K = 4C: forward 2*M*(K*D1 + D1*D2) FLOPs. DRAM bytes at bf16: x 2*M*K (read
 // three times, the 2nd and 3rd mostly from L1/L2), xn 2*2*M*K (written, read), h1 2*4*M*D1 (fp32),
 // g 2*2*M*D1, y 2*M*D2, plus the weights once per chunk.
-// Backward 2*M*(3*K*D1 + 2*D1*D2) FLOPs (h1 recompute, dW1, dxn; dW2, dg): ~2.5x the forward's,
-// plus O(M*(K + D1)) fp32 traffic (dxn, dg, h1).
+// Backward FLOPs, per gradient: dW2 2*M*D1*D2; dW1 (and db1) 2*M*D1*D2 (dg) + 2*M*K*D1; dx, dln_weight,
+// dln_bias additionally 2*M*K*D1 (dxn); all: 2*M*(2*K*D1 + 2*D1*D2). Without saved activations add
+// 2*M*K*D1 for the recomputed h1 (when any GEMM gradient is asked for): ~2.5x the forward's in all,
+// plus O(M*(K + D1)) fp32 traffic (dxn, dg, h1). Saved activations cost M*(K + 2*D1) elements of x's
+// dtype + 2*M fp32 (Long-VITA, 4096 tiles: ~13 GB at bf16), which is why the default on CUDA recomputes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -45,280 +51,13 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda/pixel_shuffle_projector_kernels.cuh"
 #include "pixel_shuffle_projector.h"
 
 namespace vita_ext {
 namespace {
 
-constexpr int64_t kChunkRows = 8192;  // fp32 temporaries per chunk: rows * (K + 2*D1) * 4 bytes
-constexpr int kWarpsPerBlock = 4;     // LayerNorm kernels: one warp per shuffled row
-constexpr int kColTile = 32;          // column sums: 32 columns x 8 row-threads per block
-constexpr int kRowThreads = 8;
-constexpr int kSlabRows = 128;        // rows per partial sum
-constexpr int kEltThreads = 256;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float erf_(float v) { return erff(v); }
-__device__ __forceinline__ double erf_(double v) { return erf(v); }
-__device__ __forceinline__ float exp_(float v) { return expf(v); }
-__device__ __forceinline__ double exp_(double v) { return exp(v); }
-__device__ __forceinline__ float rsqrt_(float v) { return rsqrtf(v); }
-__device__ __forceinline__ double rsqrt_(double v) { return rsqrt(v); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t gelu_erf(acc_t v) {
-  return acc_t(0.5) * v * (acc_t(1) + erf_(v * acc_t(0.70710678118654752440)));
-}
-
-// d gelu(v) / dv = Phi(v) + v * phi(v).
-template <typename acc_t>
-__device__ __forceinline__ acc_t gelu_erf_grad(acc_t v) {
-  const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_(v * acc_t(0.70710678118654752440)));
-  const acc_t pdf = exp_(acc_t(-0.5) * v * v) * acc_t(0.39894228040143267794);
-  return cdf + v * pdf;
-}
-
-// ------------------------------------------------------------------------------- LayerNorm kernels
-
-// One warp per shuffled row r (global row m0 + r). VEC elements per load; the host guarantees that
-// C, the strides and the pointers are multiples of VEC elements (16 bytes) when VEC > 1.
-template <typename scalar_t, int VEC>
-__global__ void shuffle_layernorm_kernel(const scalar_t* __restrict__ x, PspGeom geo, int64_t C, int64_t m0,
-                                         int64_t rows, const scalar_t* __restrict__ w,
-                                         const scalar_t* __restrict__ b, at::opmath_type<scalar_t> eps,
-                                         scalar_t* __restrict__ xn, at::opmath_type<scalar_t>* __restrict__ mean_out,
-                                         at::opmath_type<scalar_t>* __restrict__ rstd_out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<scalar_t, VEC>;
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= rows) return;  // the whole warp leaves together, so the shuffles below stay full-warp
-  const int64_t K = 4 * C;
-  const scalar_t* run[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) run[q] = x + geo.run_offset(m0 + r, q);
-
-  acc_t sum = 0;
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) {
-      const V v = *reinterpret_cast<const V*>(run[q] + c);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) sum += static_cast<acc_t>(v.v[i]);
-    }
-  const acc_t mean = warp_sum(sum) / static_cast<acc_t>(K);
-
-  acc_t sq = 0;
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) {
-      const V v = *reinterpret_cast<const V*>(run[q] + c);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const acc_t dv = static_cast<acc_t>(v.v[i]) - mean;
-        sq += dv * dv;
-      }
-    }
-  const acc_t rstd = rsqrt_(warp_sum(sq) / static_cast<acc_t>(K) + eps);
-
-  scalar_t* out = xn + r * K;
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < C; c += 32 * VEC) {
-      const int64_t k = q * C + c;
-      const V v = *reinterpret_cast<const V*>(run[q] + c);
-      const V wv = *reinterpret_cast<const V*>(w + k);
-      const V bv = *reinterpret_cast<const V*>(b + k);
-      V o;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i)
-        o.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v.v[i]) - mean) * rstd * static_cast<acc_t>(wv.v[i]) +
-                                       static_cast<acc_t>(bv.v[i]));
-      *reinterpret_cast<V*>(out + k) = o;
-    }
-  if (lane == 0 && mean_out != nullptr) {
-    mean_out[r] = mean;
-    rstd_out[r] = rstd;
-  }
-}
-
-// One warp per shuffled row: dx (in x's unshuffled layout, geometry dgeo) from dxn (fp32 [rows, K]).
-template <typename scalar_t>
-__global__ void layernorm_backward_unshuffle_kernel(const scalar_t* __restrict__ x, PspGeom geo, int64_t C,
-                                                    int64_t m0, int64_t rows,
-                                                    const at::opmath_type<scalar_t>* __restrict__ mean,
-                                                    const at::opmath_type<scalar_t>* __restrict__ rstd,
-                                                    const scalar_t* __restrict__ w,
-                                                    const at::opmath_type<scalar_t>* __restrict__ dxn,
-                                                    scalar_t* __restrict__ dx, PspGeom dgeo) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= rows) return;
-  const int64_t K = 4 * C;
-  const acc_t mu = mean[r], rs = rstd[r];
-  const acc_t* g = dxn + r * K;
-
-  acc_t s1 = 0, s2 = 0;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const scalar_t* src = x + geo.run_offset(m0 + r, q);
-    for (int64_t c = lane; c < C; c += 32) {
-      const acc_t xh = (static_cast<acc_t>(src[c]) - mu) * rs;
-      const acc_t dxh = g[q * C + c] * static_cast<acc_t>(w[q * C + c]);
-      s1 += dxh;
-      s2 += dxh * xh;
-    }
-  }
-  s1 = warp_sum(s1) / static_cast<acc_t>(K);
-  s2 = warp_sum(s2) / static_cast<acc_t>(K);
-
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const scalar_t* src = x + geo.run_offset(m0 + r, q);
-    scalar_t* dst = dx + dgeo.run_offset(m0 + r, q);
-    for (int64_t c = lane; c < C; c += 32) {
-      const acc_t xh = (static_cast<acc_t>(src[c]) - mu) * rs;
-      const acc_t dxh = g[q * C + c] * static_cast<acc_t>(w[q * C + c]);
-      dst[c] = static_cast<scalar_t>(rs * (dxh - s1 - xh * s2));
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------ elementwise kernels
-
-// g = gelu(h + bias) over a row-major [rows, D1] matrix, VEC elements per thread (VEC divides D1).
-template <typename scalar_t, int VEC>
-__global__ void bias_gelu_kernel(const at::opmath_type<scalar_t>* __restrict__ h, const scalar_t* __restrict__ bias,
-                                 int64_t n_vec, int64_t D1, scalar_t* __restrict__ g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = i * VEC, col = e % D1;
-    const Vec<acc_t, VEC> hv = *reinterpret_cast<const Vec<acc_t, VEC>*>(h + e);
-    Vec<scalar_t, VEC> o;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc_t v = hv.v[j] + (bias != nullptr ? static_cast<acc_t>(bias[col + j]) : acc_t(0));
-      o.v[j] = static_cast<scalar_t>(gelu_erf(v));
-    }
-    *reinterpret_cast<Vec<scalar_t, VEC>*>(g + e) = o;
-  }
-}
-
-// dg <- dg * gelu'(h + bias) in place (it becomes dh); dh_s, if not null, gets dh in x's dtype.
-template <typename scalar_t, int VEC>
-__global__ void gelu_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ h,
-                                     const scalar_t* __restrict__ bias, int64_t n_vec, int64_t D1,
-                                     at::opmath_type<scalar_t>* __restrict__ dg, scalar_t* __restrict__ dh_s) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = i * VEC, col = e % D1;
-    const Vec<acc_t, VEC> hv = *reinterpret_cast<const Vec<acc_t, VEC>*>(h + e);
-    Vec<acc_t, VEC> dv = *reinterpret_cast<const Vec<acc_t, VEC>*>(dg + e);
-    Vec<scalar_t, VEC> o;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc_t v = hv.v[j] + (bias != nullptr ? static_cast<acc_t>(bias[col + j]) : acc_t(0));
-      dv.v[j] *= gelu_erf_grad(v);
-      o.v[j] = static_cast<scalar_t>(dv.v[j]);
-    }
-    *reinterpret_cast<Vec<acc_t, VEC>*>(dg + e) = dv;
-    if (dh_s != nullptr) *reinterpret_cast<Vec<scalar_t, VEC>*>(dh_s + e) = o;
-  }
-}
-
-// ----------------------------------------------------------------------------------- column sums
-// Deterministic column sums: each block sums kSlabRows rows of 32 columns into partial[slab, col];
-// colsum_finish_kernel then adds the slabs in order into an fp32 accumulator.
-
-template <typename T, typename acc_t>
-__global__ void colsum_partial_kernel(const T* __restrict__ in, int64_t rows, int64_t cols,
-                                      acc_t* __restrict__ partial) {
-  __shared__ acc_t sh[kRowThreads][kColTile];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kSlabRows;
-  const int64_t r1 = r0 + kSlabRows < rows ? r0 + kSlabRows : rows;
-  acc_t s = 0;
-  if (c < cols)
-    for (int64_t r = r0 + ty; r < r1; r += kRowThreads) s += static_cast<acc_t>(in[r * cols + c]);
-  sh[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0 && c < cols) {
-    acc_t t = 0;
-#pragma unroll
-    for (int i = 0; i < kRowThreads; ++i) t += sh[i][tx];
-    partial[blockIdx.y * cols + c] = t;
-  }
-}
-
-// Partials of dln_weight = colsum(dxn * xhat) and dln_bias = colsum(dxn); xhat is recomputed from x.
-template <typename scalar_t>
-__global__ void ln_param_grad_partial_kernel(const scalar_t* __restrict__ x, PspGeom geo, int64_t C, int64_t m0,
-                                             int64_t rows, const at::opmath_type<scalar_t>* __restrict__ mean,
-                                             const at::opmath_type<scalar_t>* __restrict__ rstd,
-                                             const at::opmath_type<scalar_t>* __restrict__ dxn,
-                                             at::opmath_type<scalar_t>* __restrict__ partial_w,
-                                             at::opmath_type<scalar_t>* __restrict__ partial_b) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t shw[kRowThreads][kColTile];
-  __shared__ acc_t shb[kRowThreads][kColTile];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t K = 4 * C;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kSlabRows;
-  const int64_t r1 = r0 + kSlabRows < rows ? r0 + kSlabRows : rows;
-  acc_t sw = 0, sb = 0;
-  if (k < K) {
-    const int q = static_cast<int>(k / C);
-    const int64_t c = k - q * C;
-    for (int64_t r = r0 + ty; r < r1; r += kRowThreads) {
-      const acc_t d = dxn[r * K + k];
-      const acc_t xh = (static_cast<acc_t>(x[geo.run_offset(m0 + r, q) + c]) - mean[r]) * rstd[r];
-      sw += d * xh;
-      sb += d;
-    }
-  }
-  shw[ty][tx] = sw;
-  shb[ty][tx] = sb;
-  __syncthreads();
-  if (ty == 0 && k < K) {
-    acc_t tw = 0, tb = 0;
-#pragma unroll
-    for (int i = 0; i < kRowThreads; ++i) {
-      tw += shw[i][tx];
-      tb += shb[i][tx];
-    }
-    partial_w[blockIdx.y * K + k] = tw;
-    partial_b[blockIdx.y * K + k] = tb;
-  }
-}
-
-template <typename acc_t>
-__global__ void colsum_finish_kernel(const acc_t* __restrict__ partial, int64_t slabs, int64_t cols,
-                                     acc_t* __restrict__ out) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cols;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t t = 0;
-    for (int64_t s = 0; s < slabs; ++s) t += partial[s * cols + c];
-    out[c] += t;
-  }
-}
+using namespace psp_cuda;  // the kernels and constants of cuda/pixel_shuffle_projector_kernels.cuh
 
 // ------------------------------------------------------------------------------------------ GEMM
 
@@ -361,22 +100,20 @@ void gemm_rowmajor(bool transA, bool transB, int64_t M, int64_t N, int64_t K, co
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// LayerNorm of shuffled rows [m0, m0 + rows) into xn; mean/rstd (acc dtype) written when not null.
 template <typename scalar_t>
 void launch_shuffle_layernorm(const at::Tensor& x, const PspGeom& geo, const PspDims& d, int64_t m0, int64_t rows,
-                              const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& xn,
-                              at::Tensor* mean, at::Tensor* rstd) {
+                              const at::Tensor& w, const at::Tensor& b, double eps, scalar_t* xn,
+                              at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* rstd) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const bool vec = d.C % kVec == 0 && geo.s0 % kVec == 0 && geo.s1 % kVec == 0 && aligned16(x.data_ptr()) &&
-                   aligned16(w.data_ptr()) && aligned16(b.data_ptr());
+                   aligned16(w.data_ptr()) && aligned16(b.data_ptr()) && aligned16(xn);
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock))), block(32 * kWarpsPerBlock);
   auto stream = at::cuda::getCurrentCUDAStream();
-  acc_t* mp = mean ? mean->data_ptr<acc_t>() : nullptr;
-  acc_t* rp = rstd ? rstd->data_ptr<acc_t>() : nullptr;
   auto run = [&](auto kernel) {
     kernel<<<grid, block, 0, stream>>>(x.data_ptr<scalar_t>(), geo, d.C, m0, rows, w.data_ptr<scalar_t>(),
-                                       b.data_ptr<scalar_t>(), static_cast<acc_t>(eps), xn.data_ptr<scalar_t>(),
-                                       mp, rp);
+                                       b.data_ptr<scalar_t>(), static_cast<acc_t>(eps), xn, mean, rstd);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (vec)
@@ -388,32 +125,34 @@ void launch_shuffle_layernorm(const at::Tensor& x, const PspGeom& geo, const Psp
 unsigned elt_blocks(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kEltThreads), 65535)); }
 
 template <typename scalar_t>
-void launch_bias_gelu(const at::Tensor& h, const scalar_t* bias, int64_t rows, int64_t D1, at::Tensor& g) {
+void launch_bias_gelu(const at::Tensor& h, const scalar_t* bias, int64_t rows, int64_t D1, scalar_t* g,
+                      scalar_t* h_out) {
   using acc_t = at::opmath_type<scalar_t>;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t n = rows * D1;
   if (D1 % 4 == 0) {
     bias_gelu_kernel<scalar_t, 4><<<elt_blocks(n / 4), kEltThreads, 0, stream>>>(h.data_ptr<acc_t>(), bias, n / 4,
-                                                                                   D1, g.data_ptr<scalar_t>());
+                                                                                   D1, g, h_out);
   } else {
-    bias_gelu_kernel<scalar_t, 1><<<elt_blocks(n), kEltThreads, 0, stream>>>(h.data_ptr<acc_t>(), bias, n, D1,
-                                                                               g.data_ptr<scalar_t>());
+    bias_gelu_kernel<scalar_t, 1><<<elt_blocks(n), kEltThreads, 0, stream>>>(h.data_ptr<acc_t>(), bias, n, D1, g,
+                                                                               h_out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t>
-void launch_gelu_backward(const at::Tensor& h, const scalar_t* bias, int64_t rows, int64_t D1, at::Tensor& dg,
+// h: the fp32 recomputed pre-activation with bias separate, or the saved one (x's dtype, bias = null).
+template <typename scalar_t, typename h_t>
+void launch_gelu_backward(const h_t* h, const scalar_t* bias, int64_t rows, int64_t D1, at::Tensor& dg,
                           scalar_t* dh_s) {
   using acc_t = at::opmath_type<scalar_t>;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t n = rows * D1;
   if (D1 % 4 == 0) {
-    gelu_backward_kernel<scalar_t, 4><<<elt_blocks(n / 4), kEltThreads, 0, stream>>>(
-        h.data_ptr<acc_t>(), bias, n / 4, D1, dg.data_ptr<acc_t>(), dh_s);
+    gelu_backward_kernel<scalar_t, h_t, 4><<<elt_blocks(n / 4), kEltThreads, 0, stream>>>(
+        h, bias, n / 4, D1, dg.data_ptr<acc_t>(), dh_s);
   } else {
-    gelu_backward_kernel<scalar_t, 1><<<elt_blocks(n), kEltThreads, 0, stream>>>(h.data_ptr<acc_t>(), bias, n, D1,
-                                                                                   dg.data_ptr<acc_t>(), dh_s);
+    gelu_backward_kernel<scalar_t, h_t, 1><<<elt_blocks(n), kEltThreads, 0, stream>>>(h, bias, n, D1,
+                                                                                        dg.data_ptr<acc_t>(), dh_s);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -455,15 +194,27 @@ void check_blas_sizes(const char* op, const PspDims& d) {
               ": 4C, D1 and D2 must each be < 2^31 for cuBLAS, got 4C = ", d.K, ", D1 = ", d.D1, ", D2 = ", d.D2);
 }
 
-at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                        const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-                        const c10::optional<at::Tensor>& b2, double eps) {
+using Outputs5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs5 forward_cuda(const at::Tensor& x_in, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                      const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                      const c10::optional<at::Tensor>& b2, double eps, bool save) {
   const char* op = "vita_ext::pixel_shuffle_projector";
   const PspDims d = check_pixel_shuffle_projector_args(op, x_in, ln_weight, ln_bias, w1, b1, w2, b2);
   check_blas_sizes(op, d);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto acc = psp_acc_dtype(x_in.scalar_type());
   at::Tensor y = at::empty({d.N, d.T, d.D2}, x_in.options());
-  if (d.M == 0) return y;
+  PspSaved s;
+  if (save) {
+    s = PspSaved{at::empty({d.M, d.K}, x_in.options()), at::empty({d.M, d.D1}, x_in.options()),
+                 at::empty({d.M, d.D1}, x_in.options()), at::empty({2, d.M}, x_in.options().dtype(acc)), true};
+  }
+  auto outputs = [&]() -> Outputs5 {
+    if (!save) return {y, psp_not_asked(x_in), psp_not_asked(x_in), psp_not_asked(x_in), psp_not_asked(x_in)};
+    return {y, s.xn, s.h, s.g, s.stats};
+  };
+  if (d.M == 0) return outputs();
   const at::Tensor x = psp_inner_contiguous(x_in);
   const PspGeom geo = psp_geom(d, x);
   const Params p = contiguous_params(ln_weight, ln_bias, w1, b1, w2, b2);
@@ -471,24 +222,29 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& ln_weight, con
   at::Tensor y2 = y.view({d.M, d.D2});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_projector_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t chunk = std::min(kChunkRows, d.M);
-    at::Tensor xn = at::empty({chunk, d.K}, x.options());
+    // Chunk temporaries; with save_activations xn, g (and h in x's dtype) go to the saved tensors.
+    at::Tensor xn_buf = save ? at::Tensor() : at::empty({chunk, d.K}, x.options());
     at::Tensor h1 = at::empty({chunk, d.D1}, x.options().dtype(acc));
-    at::Tensor g = at::empty({chunk, d.D1}, x.options());
+    at::Tensor g_buf = save ? at::Tensor() : at::empty({chunk, d.D1}, x.options());
     for (int64_t m0 = 0; m0 < d.M; m0 += kChunkRows) {
       const int64_t rows = std::min(kChunkRows, d.M - m0);
-      launch_shuffle_layernorm<scalar_t>(x, geo, d, m0, rows, p.lnw, p.lnb, eps, xn, nullptr, nullptr);
-      gemm_rowmajor(false, true, rows, d.D1, d.K, xn.data_ptr(), d.K, p.w1.data_ptr(), d.K, ab, h1.data_ptr(), d.D1,
+      scalar_t* xn = save ? s.xn.data_ptr<scalar_t>() + m0 * d.K : xn_buf.data_ptr<scalar_t>();
+      scalar_t* g = save ? s.g.data_ptr<scalar_t>() + m0 * d.D1 : g_buf.data_ptr<scalar_t>();
+      acc_t* mean = save ? s.stats.data_ptr<acc_t>() + m0 : nullptr;
+      acc_t* rstd = save ? s.stats.data_ptr<acc_t>() + d.M + m0 : nullptr;
+      launch_shuffle_layernorm<scalar_t>(x, geo, d, m0, rows, p.lnw, p.lnb, eps, xn, mean, rstd);
+      gemm_rowmajor(false, true, rows, d.D1, d.K, xn, d.K, p.w1.data_ptr(), d.K, ab, h1.data_ptr(), d.D1,
                     cuda_type(acc), 1.0, 0.0);
-      launch_bias_gelu<scalar_t>(h1, ptr_or_null<scalar_t>(p.b1), rows, d.D1, g);
+      launch_bias_gelu<scalar_t>(h1, ptr_or_null<scalar_t>(p.b1), rows, d.D1, g,
+                                 save ? s.h.data_ptr<scalar_t>() + m0 * d.D1 : nullptr);
       at::Tensor yc = y2.narrow(0, m0, rows);  // whole rows of a contiguous tensor: contiguous
       if (p.b2.defined()) yc.copy_(p.b2.unsqueeze(0).expand({rows, d.D2}));
-      gemm_rowmajor(false, true, rows, d.D2, d.D1, g.data_ptr(), d.D1, p.w2.data_ptr(), d.D1, ab, yc.data_ptr(), d.D2,
-                    ab, 1.0, p.b2.defined() ? 1.0 : 0.0);
+      gemm_rowmajor(false, true, rows, d.D2, d.D1, g, d.D1, p.w2.data_ptr(), d.D1, ab, yc.data_ptr(), d.D2, ab, 1.0,
+                    p.b2.defined() ? 1.0 : 0.0);
     }
   });
-  return y;
+  return outputs();
 }
 
 // A gradient shaped and strided like the fake kernel's output (empty_like of the parameter).
@@ -496,87 +252,135 @@ at::Tensor like(const at::Tensor& proto, const at::Tensor& acc) { return at::emp
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Accumulators of the parameter gradients (fp32, fp64 for fp64 inputs), summed over chunks.
+// Accumulators of the parameter gradients asked for (fp32, fp64 for fp64 inputs), summed over chunks;
+// undefined for the others.
 struct GradAcc {
   at::Tensor dlnw, dlnb, dw1, db1, dw2, db2;
 };
 
 template <typename scalar_t>
-void backward_chunk(const at::Tensor& x, const PspGeom& geo, const at::Tensor& dx, const PspGeom& dgeo,
-                    const PspDims& d, const Params& p, const at::Tensor& gy, double eps, int64_t m0, int64_t rows,
-                    GradAcc& acc_g, at::Tensor& partial_a, at::Tensor& partial_b) {
+void backward_chunk(const at::Tensor& x, const PspGeom& geo, at::Tensor& dx, const PspGeom& dgeo, const PspDims& d,
+                    const Params& p, const PspSaved& s, const PspNeeds& need, const at::Tensor& gy, double eps,
+                    int64_t m0, int64_t rows, GradAcc& acc_g, at::Tensor& partial_a, at::Tensor& partial_b) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const bool same = std::is_same<scalar_t, acc_t>::value;
   const cudaDataType_t ab = cuda_type(x.scalar_type()), ct = cuda_type(acc);
   const auto sopt = x.options(), aopt = x.options().dtype(acc);
-  at::Tensor xn = at::empty({rows, d.K}, sopt);
-  at::Tensor mean = at::empty({rows}, aopt), rstd = at::empty({rows}, aopt);
-  launch_shuffle_layernorm<scalar_t>(x, geo, d, m0, rows, p.lnw, p.lnb, eps, xn, &mean, &rstd);
-  at::Tensor h1 = at::empty({rows, d.D1}, aopt);
-  gemm_rowmajor(false, true, rows, d.D1, d.K, xn.data_ptr(), d.K, p.w1.data_ptr(), d.K, ab, h1.data_ptr(), d.D1, ct,
-                1.0, 0.0);
-  at::Tensor g = at::empty({rows, d.D1}, sopt);
   const scalar_t* b1 = ptr_or_null<scalar_t>(p.b1);
-  launch_bias_gelu<scalar_t>(h1, b1, rows, d.D1, g);
+
+  // The chunk's activations: saved by the forward, or recomputed (only when a GEMM below needs them).
+  const scalar_t* xn = nullptr;
+  const scalar_t* g = nullptr;
+  const acc_t* mean = nullptr;
+  const acc_t* rstd = nullptr;
+  at::Tensor xn_t, g_t, h1, mean_t, rstd_t;
+  if (s.present) {
+    xn = s.xn.data_ptr<scalar_t>() + m0 * d.K;
+    g = s.g.data_ptr<scalar_t>() + m0 * d.D1;
+    mean = s.stats.data_ptr<acc_t>() + m0;
+    rstd = s.stats.data_ptr<acc_t>() + d.M + m0;
+  } else if (need.dw2 || need.dh()) {
+    xn_t = at::empty({rows, d.K}, sopt);
+    mean_t = at::empty({rows}, aopt);
+    rstd_t = at::empty({rows}, aopt);
+    launch_shuffle_layernorm<scalar_t>(x, geo, d, m0, rows, p.lnw, p.lnb, eps, xn_t.data_ptr<scalar_t>(),
+                                       mean_t.data_ptr<acc_t>(), rstd_t.data_ptr<acc_t>());
+    h1 = at::empty({rows, d.D1}, aopt);
+    gemm_rowmajor(false, true, rows, d.D1, d.K, xn_t.data_ptr(), d.K, p.w1.data_ptr(), d.K, ab, h1.data_ptr(), d.D1,
+                  ct, 1.0, 0.0);
+    g_t = at::empty({rows, d.D1}, sopt);
+    launch_bias_gelu<scalar_t>(h1, b1, rows, d.D1, g_t.data_ptr<scalar_t>(), nullptr);
+    xn = xn_t.data_ptr<scalar_t>();
+    g = g_t.data_ptr<scalar_t>();
+    mean = mean_t.data_ptr<acc_t>();
+    rstd = rstd_t.data_ptr<acc_t>();
+  }
 
   const at::Tensor dy = gy.narrow(0, m0, rows);  // contiguous rows
-  gemm_rowmajor(true, false, d.D2, d.D1, rows, dy.data_ptr(), d.D2, g.data_ptr(), d.D1, ab, acc_g.dw2.data_ptr(),
-                d.D1, ct, 1.0, 1.0);  // dW2 += dy^T g
-  column_sums<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), rows, d.D2, partial_a.data_ptr<acc_t>(),
-                               acc_g.db2.data_ptr<acc_t>());
+  if (need.dw2) {
+    gemm_rowmajor(true, false, d.D2, d.D1, rows, dy.data_ptr(), d.D2, g, d.D1, ab, acc_g.dw2.data_ptr(), d.D1, ct,
+                  1.0, 1.0);  // dW2 += dy^T g
+  }
+  if (need.db2) {
+    column_sums<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), rows, d.D2, partial_a.data_ptr<acc_t>(),
+                                 acc_g.db2.data_ptr<acc_t>());
+  }
+  if (!need.dh()) return;
 
   at::Tensor dg = at::empty({rows, d.D1}, aopt);
   gemm_rowmajor(false, false, rows, d.D1, d.D2, dy.data_ptr(), d.D2, p.w2.data_ptr(), d.D1, ab, dg.data_ptr(), d.D1,
                 ct, 1.0, 0.0);  // dg = dy w2
   at::Tensor dh_s = same ? dg : at::empty({rows, d.D1}, sopt);  // dh as a GEMM operand in x's dtype
-  launch_gelu_backward<scalar_t>(h1, b1, rows, d.D1, dg, same ? nullptr : dh_s.data_ptr<scalar_t>());
-  gemm_rowmajor(true, false, d.D1, d.K, rows, dh_s.data_ptr(), d.D1, xn.data_ptr(), d.K, ab, acc_g.dw1.data_ptr(),
-                d.K, ct, 1.0, 1.0);  // dW1 += dh^T xn
-  column_sums<acc_t, acc_t>(dg.data_ptr<acc_t>(), rows, d.D1, partial_a.data_ptr<acc_t>(),
-                            acc_g.db1.data_ptr<acc_t>());
+  scalar_t* dh_out = same ? nullptr : dh_s.data_ptr<scalar_t>();
+  if (s.present) {
+    launch_gelu_backward<scalar_t, scalar_t>(s.h.data_ptr<scalar_t>() + m0 * d.D1, nullptr, rows, d.D1, dg, dh_out);
+  } else {
+    launch_gelu_backward<scalar_t, acc_t>(h1.data_ptr<acc_t>(), b1, rows, d.D1, dg, dh_out);
+  }
+  if (need.dw1) {
+    gemm_rowmajor(true, false, d.D1, d.K, rows, dh_s.data_ptr(), d.D1, xn, d.K, ab, acc_g.dw1.data_ptr(), d.K, ct,
+                  1.0, 1.0);  // dW1 += dh^T xn
+  }
+  if (need.db1) {
+    column_sums<acc_t, acc_t>(dg.data_ptr<acc_t>(), rows, d.D1, partial_a.data_ptr<acc_t>(),
+                              acc_g.db1.data_ptr<acc_t>());
+  }
+  if (!need.dxn()) return;
 
   at::Tensor dxn = at::empty({rows, d.K}, aopt);
   gemm_rowmajor(false, false, rows, d.K, d.D1, dh_s.data_ptr(), d.D1, p.w1.data_ptr(), d.K, ab, dxn.data_ptr(), d.K,
                 ct, 1.0, 0.0);  // dxn = dh w1
 
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t slabs = ceil_div(rows, kSlabRows);
-  const dim3 pgrid(static_cast<unsigned>(ceil_div(d.K, kColTile)), static_cast<unsigned>(slabs));
-  ln_param_grad_partial_kernel<scalar_t><<<pgrid, dim3(kColTile, kRowThreads), 0, stream>>>(
-      x.data_ptr<scalar_t>(), geo, d.C, m0, rows, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-      dxn.data_ptr<acc_t>(), partial_a.data_ptr<acc_t>(), partial_b.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  colsum_finish_kernel<acc_t><<<elt_blocks(d.K), kEltThreads, 0, stream>>>(partial_a.data_ptr<acc_t>(), slabs, d.K,
-                                                                            acc_g.dlnw.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  colsum_finish_kernel<acc_t><<<elt_blocks(d.K), kEltThreads, 0, stream>>>(partial_b.data_ptr<acc_t>(), slabs, d.K,
-                                                                            acc_g.dlnb.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const dim3 grid(static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock))), block(32 * kWarpsPerBlock);
-  layernorm_backward_unshuffle_kernel<scalar_t><<<grid, block, 0, stream>>>(
-      x.data_ptr<scalar_t>(), geo, d.C, m0, rows, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-      p.lnw.data_ptr<scalar_t>(), dxn.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), dgeo);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (need.dlnw || need.dlnb) {
+    const int64_t slabs = ceil_div(rows, kSlabRows);
+    const dim3 pgrid(static_cast<unsigned>(ceil_div(d.K, kColTile)), static_cast<unsigned>(slabs));
+    ln_param_grad_partial_kernel<scalar_t><<<pgrid, dim3(kColTile, kRowThreads), 0, stream>>>(
+        x.data_ptr<scalar_t>(), geo, d.C, m0, rows, mean, rstd, dxn.data_ptr<acc_t>(), partial_a.data_ptr<acc_t>(),
+        partial_b.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need.dlnw) {
+      colsum_finish_kernel<acc_t><<<elt_blocks(d.K), kEltThreads, 0, stream>>>(partial_a.data_ptr<acc_t>(), slabs,
+                                                                                d.K, acc_g.dlnw.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need.dlnb) {
+      colsum_finish_kernel<acc_t><<<elt_blocks(d.K), kEltThreads, 0, stream>>>(partial_b.data_ptr<acc_t>(), slabs,
+                                                                                d.K, acc_g.dlnb.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (need.dx) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock))), block(32 * kWarpsPerBlock);
+    layernorm_backward_unshuffle_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        x.data_ptr<scalar_t>(), geo, d.C, m0, rows, mean, rstd, p.lnw.data_ptr<scalar_t>(), dxn.data_ptr<acc_t>(),
+        dx.data_ptr<scalar_t>(), dgeo);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 Grads backward_cuda(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& ln_weight,
                     const at::Tensor& ln_bias, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                    const at::Tensor& w2, const c10::optional<at::Tensor>& b2, double eps) {
+                    const at::Tensor& w2, const c10::optional<at::Tensor>& b2, double eps,
+                    const c10::optional<at::Tensor>& xn_saved, const c10::optional<at::Tensor>& h_saved,
+                    const c10::optional<at::Tensor>& g_saved, const c10::optional<at::Tensor>& stats_saved,
+                    std::array<bool, 7> output_mask) {
   const char* op = "vita_ext::pixel_shuffle_projector_backward";
   const PspDims d =
       check_pixel_shuffle_projector_backward_args(op, grad_y, x_in, ln_weight, ln_bias, w1, b1, w2, b2);
+  const PspSaved s = check_pixel_shuffle_projector_saved(op, d, x_in, xn_saved, h_saved, g_saved, stats_saved);
+  const PspNeeds need = psp_needs(output_mask);
   check_blas_sizes(op, d);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = psp_inner_contiguous(x_in);
-  at::Tensor dx = psp_empty_dx(x_in);
-  const PspGeom geo = psp_geom(d, x), dgeo = psp_geom(d, dx);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto aopt = x.options().dtype(acc);
-  GradAcc g{at::zeros({d.K}, aopt),          at::zeros({d.K}, aopt),  at::zeros({d.D1, d.K}, aopt),
-            at::zeros({d.D1}, aopt),         at::zeros({d.D2, d.D1}, aopt), at::zeros({d.D2}, aopt)};
-  if (d.M > 0) {
+  at::Tensor dx = need.dx ? psp_empty_dx(x_in) : psp_not_asked(x_in);
+  const PspGeom geo = psp_geom(d, x), dgeo = need.dx ? psp_geom(d, dx) : geo;
+  const auto aopt = x.options().dtype(psp_acc_dtype(x.scalar_type()));
+  auto zeros_if = [&](bool want, at::IntArrayRef shape) { return want ? at::zeros(shape, aopt) : at::Tensor(); };
+  GradAcc g{zeros_if(need.dlnw, {d.K}),      zeros_if(need.dlnb, {d.K}),  zeros_if(need.dw1, {d.D1, d.K}),
+            zeros_if(need.db1, {d.D1}),      zeros_if(need.dw2, {d.D2, d.D1}), zeros_if(need.db2, {d.D2})};
+  if (d.M > 0 && need.any()) {
     const Params p = contiguous_params(ln_weight, ln_bias, w1, b1, w2, b2);
     const at::Tensor gy = grad_y.reshape({d.M, d.D2}).contiguous();
     const int64_t slabs = ceil_div(std::min(kChunkRows, d.M), kSlabRows);
@@ -585,12 +389,23 @@ Grads backward_cuda(const at::Tensor& grad_y, const at::Tensor& x_in, const at::
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_projector_bwd_cuda", [&] {
       for (int64_t m0 = 0; m0 < d.M; m0 += kChunkRows) {
         const int64_t rows = std::min(kChunkRows, d.M - m0);
-        backward_chunk<scalar_t>(x, geo, dx, dgeo, d, p, gy, eps, m0, rows, g, partial_a, partial_b);
+        backward_chunk<scalar_t>(x, geo, dx, dgeo, d, p, s, need, gy, eps, m0, rows, g, partial_a, partial_b);
       }
     });
   }
-  return {dx, like(ln_weight, g.dlnw), like(ln_bias, g.dlnb), like(w1, g.dw1), g.db1.to(w1.scalar_type()),
-          like(w2, g.dw2), g.db2.to(w2.scalar_type())};
+  auto out = [&](bool want, const at::Tensor& proto, const at::Tensor& a) {
+    return want ? like(proto, a) : psp_not_asked(proto);
+  };
+  auto out_bias = [&](bool want, const at::Tensor& w, const at::Tensor& a) {
+    return want ? a.to(w.scalar_type()) : psp_not_asked(w);
+  };
+  return {dx,
+          out(need.dlnw, ln_weight, g.dlnw),
+          out(need.dlnb, ln_bias, g.dlnb),
+          out(need.dw1, w1, g.dw1),
+          out_bias(need.db1, w1, g.db1),
+          out(need.dw2, w2, g.dw2),
+          out_bias(need.db2, w2, g.db2)};
 }
 
 }  // namespace

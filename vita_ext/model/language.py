@@ -98,17 +98,20 @@ class AttentionBackend(Protocol):
 
 
 class LocalAttention:
-    """Single-device attention: optional KV cache, optional packing (cu_seqlens -> block-diagonal)."""
+    """Single-device attention: optional KV cache, optional packing (cu_seqlens -> block-diagonal).
 
-    def __init__(self, cache: KVCache | None = None, cu_seqlens: Tensor | None = None):
+    With cu_seqlens, give max_seqlen (the longest segment) too: the offsets are then validated once here
+    and stay on the device, so no layer copies them back to the host (FlashAttention's varlen contract)."""
+
+    def __init__(self, cache: KVCache | None = None, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None):
         if cache is not None and cu_seqlens is not None:
             raise ValueError("LocalAttention: 'cu_seqlens' (packed training) cannot be combined with a KV cache")
-        self.cache, self.cu_seqlens = cache, cu_seqlens
+        self.cache, self.cu_seqlens, self.max_seqlen = cache, cu_seqlens, max_seqlen
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.cache is not None:
             k, v = self.cache.update(layer_idx, k, v)
-        out, _ = attention_lse(q, k, v, causal=True, cu_seqlens=self.cu_seqlens)
+        out, _ = attention_lse(q, k, v, causal=True, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
         return out
 
     def advance(self, n: int) -> None:

@@ -179,7 +179,7 @@ class LongVITAForCausalLM(nn.Module):
                 context_positions: Tensor | None = None, position_ids: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
                 labels: Tensor | None = None, logits_to_keep: int | Tensor = 0, cu_seqlens: Tensor | None = None,
-                attention: AttentionBackend | None = None) -> CausalLMOutput:
+                max_seqlen: int | None = None, attention: AttentionBackend | None = None) -> CausalLMOutput:
         """Run the model.
 
         Args:
@@ -191,7 +191,8 @@ class LongVITAForCausalLM(nn.Module):
                 ``masked_linear_cross_entropy`` (mean over supervised tokens); logits are then skipped unless
                 logits_to_keep asks for them.
             logits_to_keep: 0 = every position, k > 0 = the last k, or a 1-D tensor of positions (HF convention).
-            cu_seqlens: packed-sequence boundaries (B = 1) -> block-diagonal causal attention.
+            cu_seqlens: packed-sequence boundaries (B = 1) -> block-diagonal causal attention; max_seqlen: the
+                longest packed sequence (lets the boundaries stay on the device, see ``LocalAttention``).
             attention: an attention backend (default ``LocalAttention``); ring attention plugs in here.
         Returns:
             CausalLMOutput(loss, logits [B, K, V] in the model dtype, past_key_values).
@@ -205,7 +206,7 @@ class LongVITAForCausalLM(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=inputs_embeds.device)[None].expand(b, s)
-        attention = attention if attention is not None else LocalAttention(cache, cu_seqlens)
+        attention = attention if attention is not None else LocalAttention(cache, cu_seqlens, max_seqlen)
         hidden = self.decode(inputs_embeds, position_ids, attention)
         loss = self.loss(hidden, labels) if labels is not None else None
         logits = None

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vita_ext.generation import GenerateOutput, GenerationConfig, _sync, peak_memory, sample_next
+from vita_ext.generation import GenerateOutput, GenerationConfig, _sync, attention_phases, peak_memory, sample_next
+from vita_ext.ops.attention_dispatch import BACKEND_CALLS
 from vita_ext.parallel.attention import RingPrefillAttention, ShardedDecodeAttention, ShardedKVCache
 from vita_ext.parallel.ring import group_info
 from vita_ext.parallel.sharding import ZigZagPlan
@@ -113,9 +115,11 @@ def cp_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, co
     plan = ZigZagPlan(s, world)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    calls = [Counter(BACKEND_CALLS)]
     t0 = _sync(device)
     embeds = agree(group, _embed_local, model, plan, rank, input_ids, pixel_values, context_positions)
     t1 = _sync(device)
+    calls.append(Counter(BACKEND_CALLS))
     lengths = [int((plan.positions(r) < s).sum()) for r in range(world)]
     cache = ShardedKVCache(t.num_hidden_layers, 1, lengths[rank] + cfg.max_new_tokens, t.num_key_value_heads,
                            t.head_dim, model.dtype, device, lengths, rank)
@@ -125,6 +129,7 @@ def cp_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, co
     last_row = torch.tensor([plan.local_index(s - 1)], device=device)
     logits = model.head(hidden[0], last_row)[0] if rank == head_rank else None
     t2 = _sync(device)
+    calls.append(Counter(BACKEND_CALLS))
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     seen = input_ids[0].to(device)
     decode = ShardedDecodeAttention(cache, group)
@@ -144,8 +149,10 @@ def cp_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, co
         hidden = model.decode(model.model.embed_tokens(token[None]), position, decode)
         logits = model.head(hidden[0], torch.tensor([0], device=device))[0] if rank == head_rank else None
     t3 = _sync(device)
+    calls.append(Counter(BACKEND_CALLS))
     return GenerateOutput(sequences=torch.tensor([new], dtype=torch.long), prompt_tokens=s, vision_seconds=t1 - t0,
                           prefill_seconds=t2 - t1, decode_seconds=t3 - t2, peak_memory_bytes=peak_memory(device),
                           stopped_on_eos=stopped,
                           extra={"cache_rows": list(cache.lengths), "prefill_passes": prefill.calls // max(1, t.num_hidden_layers),
-                                 "world_size": world, "padded_len": plan.padded_len})
+                                 "world_size": world, "padded_len": plan.padded_len,
+                                 "attention": attention_phases(calls)})

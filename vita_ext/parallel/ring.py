@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vita_ext.ops import attention_lse, merge_attention_
+from vita_ext.ops import attention_lse, attention_lse_backward, merge_attention_
 
 
 def group_info(group=None) -> tuple[int, int]:
@@ -96,9 +96,10 @@ def ring_backward_step(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        scale: float, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
     """Accumulate (in fp32) the gradients of the block of rank ``src`` into dq and the travelling dk/dv."""
     causal, qh, kh = _block(rank, src)
-    gq, gk, gv = torch.ops.vita_ext.attention_lse_backward(
-        _half(dout, qh), None, _half(q, qh), _half(k, kh), _half(v, kh), _half(out, qh), _lse_half(lse, qh),
-        causal, scale, None)
+    # The GLOBAL out and lse of these rows make each block's backward exact without an lse gradient, so
+    # any backend's backward serves (the ring-flash-attention recipe).
+    gq, gk, gv = attention_lse_backward(_half(dout, qh), _half(q, qh), _half(k, kh), _half(v, kh), _half(out, qh),
+                                        _lse_half(lse, qh), causal, scale)
     _half(dq, qh).add_(gq)
     _half(dk, kh).add_(gk)
     _half(dv, kh).add_(gv)

@@ -119,15 +119,15 @@ class Trainer:
         Returns (loss per supervised token, supervised tokens)."""
         supervised = sum(b.num_supervised for b in batches)
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float64)
+        # Summed on the model's device and read once per step (not once per micro-batch: each read is a
+        # host sync); NCCL reduces CUDA tensors only, so the CP all-reduce happens there too.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             local = self.loss_sum(batch)
             (local / max(1, supervised)).backward()
-            total += local.detach().double().cpu()
-        if self.cp:  # on the model's device: NCCL reduces CUDA tensors only
-            total = total.to(self.device)
+            total += local.detach().double()
+        if self.cp:
             dist.all_reduce(total, group=self.group)
-            total = total.cpu()
             all_reduce_grads(self.params, self.group)
         return float(total) / max(1, supervised), supervised
 

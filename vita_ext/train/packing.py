@@ -35,7 +35,9 @@ class PackedBatch:
     """One packed sequence (micro-batch 1, as in Long-VITA).
 
     input_ids, labels, targets, position_ids: [1, S] int64 (labels unshifted; targets = the next-token
-    labels, shifted per sample). cu_seqlens: [n + 1] int32 segment boundaries (reset mode) or None.
+    labels, shifted per sample). cu_seqlens: [n + 1] int32 segment boundaries (reset mode) or None;
+    max_seqlen: the longest segment (reset mode), handed to attention with cu_seqlens so the boundaries
+    are built and checked here once per batch, never copied back to the host per layer.
     pixel_values: [tiles, 3, s, s] of all samples in order; context_positions: [tiles * T] indices into
     the packed row. sample_indices: the record numbers packed here; num_tokens: real (non-pad) tokens.
     """
@@ -48,6 +50,7 @@ class PackedBatch:
     context_positions: Tensor
     sample_indices: list[int] = field(default_factory=list)
     num_tokens: int = 0
+    max_seqlen: int | None = None
 
     @property
     def seq_len(self) -> int:
@@ -95,8 +98,9 @@ def pack_samples(samples: list[Sample], seq_len: int, mode: str = "reset", pad_t
         pixel_values = torch.empty((0, *shape))
     context = torch.cat([s.context_positions + offsets[k] for k, s in enumerate(samples)]) if samples else \
         torch.zeros(0, dtype=torch.long)
+    max_seqlen = max(lengths, default=0) if cu_seqlens is not None else None
     return PackedBatch(torch.cat(ids)[None], torch.cat(labels)[None], torch.cat(targets)[None], positions[None],
-                       cu_seqlens, pixel_values, context, [s.index for s in samples], used)
+                       cu_seqlens, pixel_values, context, [s.index for s in samples], used, max_seqlen)
 
 
 class Packer:

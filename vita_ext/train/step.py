@@ -16,7 +16,12 @@ rank did not touch, e.g. the projector on a rank without tiles, contribute zeros
 single-process gradient exactly, up to summation order.
 
 Frozen parts run under ``torch.no_grad`` (a frozen ViT in eval mode too), so they keep no
-activations. With ``amp_dtype`` (bf16) the decoder runs under autocast with fp32 master weights; the
+activations, and their frozen-ness reaches the ops through ``requires_grad``: a frozen ViT's output
+does not require grad, so the projector's backward computes no dx; a frozen LM head gets no dW from
+the cross-entropy (stage 1). The cross-entropy takes the supervised-token count from the host (the
+packed targets live there), so it reads nothing back from the device, and it forms its gradients in
+the forward pass (``grad_in_forward``: the trainer backpropagates each loss once), which saves the
+recomputation of the logits. With ``amp_dtype`` (bf16) the decoder runs under autocast with fp32 master weights; the
 vita_ext ops the trainer calls itself (projector, attention, cross-entropy) get operands cast to
 bf16 explicitly and run with autocast off: the CPU projector kernel's own ATen calls must not be
 re-cast by autocast (it fails with mixed fp32/bf16 operands otherwise).
@@ -63,13 +68,15 @@ class PackedLoss:
 
     model: a LongVITAForCausalLM whose trainable parameters are already chosen; amp_dtype: None (fp32)
     or torch.bfloat16; context_parallel: shard over ``group`` (torch.distributed must be initialised);
-    vision_chunk_size: tiles per forward of a frozen ViT.
+    vision_chunk_size: tiles per forward of a frozen ViT; grad_in_forward: the cross-entropy forms its
+    gradients in the forward pass, the right choice when each loss is backpropagated once, as the
+    trainer does (False: it recomputes the logits in the backward instead).
     """
 
     def __init__(self, model, amp_dtype: torch.dtype | None = None, context_parallel: bool = False, group=None,
-                 vision_chunk_size: int = 32):
+                 vision_chunk_size: int = 32, grad_in_forward: bool = True):
         self.model, self.amp_dtype, self.cp, self.group = model, amp_dtype, context_parallel, group
-        self.vision_chunk_size = vision_chunk_size
+        self.vision_chunk_size, self.grad_in_forward = vision_chunk_size, grad_in_forward
         self.rank, self.world = (dist.get_rank(group), dist.get_world_size(group)) if context_parallel else (0, 1)
         # the zig-zag padding sits after every real token (never seen by one): any valid id will do
         self.pad_id = PAD_TOKEN_ID if PAD_TOKEN_ID < model.config.text.vocab_size else 0
@@ -124,7 +131,7 @@ class PackedLoss:
         if not self.cp:
             cu = batch.cu_seqlens.to(self.device) if batch.cu_seqlens is not None else None
             return (batch.input_ids, batch.targets, batch.position_ids, batch.pixel_values, batch.context_positions,
-                    None, LocalAttention(cu_seqlens=cu))
+                    None, LocalAttention(cu_seqlens=cu, max_seqlen=batch.max_seqlen))
         from vita_ext.parallel import RingPrefillAttention, ZigZagPlan
 
         if batch.cu_seqlens is not None:
@@ -147,9 +154,13 @@ class PackedLoss:
             hidden = self.model.decode(embeds, positions.to(self.device), attention)[0]
         weight = self.model.lm_head.weight
         dtype = self.amp_dtype or weight.dtype
+        labels = targets[0]
+        # Counted on the host, where the packer built the targets (no device read in the op).
+        count = int((labels != IGNORE_INDEX).sum()) if labels.device.type == "cpu" else None
         with no_autocast(self.device):
-            return masked_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets[0].to(self.device),
-                                               IGNORE_INDEX, "sum")
+            return masked_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels.to(self.device),
+                                               IGNORE_INDEX, "sum", num_supervised=count,
+                                               grad_in_forward=self.grad_in_forward)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], group=None) -> None:

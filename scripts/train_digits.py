@@ -22,6 +22,10 @@
    --ship the stage-4 model in bf16 into the package, with the packaged tokenizer files, a greedy
    generation config and the processor config.
 
+The shipped asset is still the model of the previous recipe (commit 2ed4a5e: hidden 32, 56-px tiles,
+frames numbered 1, 2, ...); the runs of this recipe did not beat it at reading long sequences
+(benchmarks/RESULTS.md, section 9b), so do not pass --ship until one does.
+
 Settings that differ from the paper's presets (a 10M-parameter model trained from scratch on CPU,
 not a pretrained 14B one): the text-only stage 0 in front; sequence lengths, learning rates and steps
 (STAGES below); bf16 autocast (this CPU has bf16 dot products: its bf16 GEMMs run ~5x faster than
@@ -301,7 +305,7 @@ def commit() -> str:
         out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
+        return (out.stdout.strip() or "unknown (not a git checkout)") + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
 

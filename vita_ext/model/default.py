@@ -1,8 +1,8 @@
 """The model ``vita-ext generate`` runs when no --model is given: offline and clearly labelled.
 
 It is the packaged digits model (``vita_ext/assets/digits_model``): a 5M-parameter Long-VITA (real
-Qwen2.5 vocabulary, 56-px tiles) trained by ``scripts/train_digits.py`` through the four training
-stages on scikit-learn's handwritten digits. It answers questions such as "Which digit is this?"
+Qwen2.5 vocabulary, 56-px tiles) trained by ``scripts/train_digits.py`` (its recipe at commit 2ed4a5e)
+through the four training stages on scikit-learn's handwritten digits. It answers questions such as "Which digit is this?"
 about a digit image, and nothing else. If the asset is missing (a stripped install), a tiny model
 with SEEDED RANDOM weights runs instead, and says so.
 """

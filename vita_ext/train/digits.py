@@ -22,7 +22,8 @@ Stages (``stage_records``; ``Mix`` and ``Phase`` say how many records of each ki
   digit: "seven\\nWhich digit is this?" -> "7", "seven\\nDescribe the image." -> "a handwritten 7".
   (b) Reading and searching long text, as a pretrained LLM can: the frame layout above with each
   digit's word in brackets for its image ("001[seven]002[three]...\\n" + the two questions), N
-  growing from 1 to 256 over the stage (a curriculum: the model learns to read short lists first).
+  growing over the stage (a curriculum: the model learns to read short lists first; the shipped
+  recipe stops at 16, see scripts/train_digits.py STAGES).
 - stage 1, captions:       "<image>\\nDescribe the image."           -> "a handwritten 7"
 - stage 2, single images:  "<image>\\nWhich digit is this?" (and rephrasings) -> "7", with captions and
   a share of stage 0's word sequences (the paper's stage 2 mixes text data too), so the LLM keeps them.

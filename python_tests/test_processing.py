@@ -416,6 +416,60 @@ def test_processor_video_file_and_image_path(tok, tiny, mp4, tmp_path):
     assert torch.equal(bf16["pixel_values"], video_to_tensor(mp4, 128, image_size=56).to(torch.bfloat16))
 
 
+def test_video_frame_labels(tok, tmp_path):
+    """A model's own frame numbering (the digits model's "{:03d}"): the label's tokens go before each
+    frame's <vid>, unsupervised; without it the layout is Long-VITA's (no label)."""
+    frames = [photo("coffee").crop((10 * k, 0, 10 * k + 300, 200)) for k in range(11)]
+    plain = LongVITAProcessor(tokenizer=tok, image_size=56)
+    numbered = LongVITAProcessor(tokenizer=tok, image_size=56, video_frame_label="{:03d}")
+    a, b = plain("<video>Q", videos=[frames]), numbered("<video>Q", videos=[frames])
+    head, tail = tok.encode("<|im_start|>user\n"), tok.encode("Q<|im_end|>\n<|im_start|>assistant\n")
+    want = [t for k in range(11) for t in tok.encode(f"{k + 1:03d}") + _layout(tok, 4, frames=1)]
+    assert b["input_ids"][0].tolist() == head + want + tail
+    assert a["input_ids"][0].tolist() == head + _layout(tok, 4, frames=11) + tail
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    _check_positions(tok, b, 4)
+    conv = numbered.encode_conversation([{"role": "user", "content": "<video>Read."},
+                                         {"role": "assistant", "content": "7"}], videos=[frames[:3]])
+    ids, labels = conv["input_ids"][0].tolist(), conv["labels"][0].tolist()
+    assert [i for i, l in zip(ids, labels) if l != -100] == tok.encode("7<|im_end|>\n")
+    from vita_ext.processing.prompt import expanded_length
+
+    media = [MediaSpec("video", 11)]
+    n = expanded_length(tok.encode("<|im_start|>user\n<video>Q<|im_end|>\n<|im_start|>assistant\n"), media, 4,
+                        tok.image_token_id, tok.video_token_id, lambda k: len(tok.encode(f"{k:03d}")))
+    assert n == len(b["input_ids"][0])
+
+
+def test_processor_config_file(tok, tmp_path):
+    """processor_config.json in a checkpoint sets the processor (kwargs still win); bad files and
+    labels are errors that name the problem."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"visual": {"image_size": 28, "patch_size": 14}}))
+    assert LongVITAProcessor.from_pretrained(tmp_path, tokenizer=tok).video_frame_label is None
+    settings = {"max_tiles": 1, "max_frames": 256, "video_frame_label": "{:03d}"}
+    (tmp_path / "processor_config.json").write_text(json.dumps(settings))
+    p = LongVITAProcessor.from_pretrained(tmp_path, tokenizer=tok)
+    assert (p.image_size, p.max_tiles, p.max_frames, p.video_frame_label) == (28, 1, 256, "{:03d}")
+    assert LongVITAProcessor.from_pretrained(tmp_path, tokenizer=tok, max_frames=8).max_frames == 8
+    (tmp_path / "again").mkdir()
+    p.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "processor_config.json").read_text())["video_frame_label"] == "{:03d}"
+    out = p("<image>", images=[photo("coffee")])  # max_tiles 1: one tile whatever the size
+    assert out["pixel_values"].shape == (1, 3, 28, 28)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"max_frame": 3}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_frame'\]"):
+        LongVITAProcessor.from_pretrained(tmp_path, tokenizer=tok)
+    (tmp_path / "processor_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="expected a JSON object, received list"):
+        LongVITAProcessor.from_pretrained(tmp_path, tokenizer=tok)
+    with pytest.raises(ValueError, match="video_frame_label: expected a str.format pattern.*'{name}'"):
+        LongVITAProcessor(tokenizer=tok, video_frame_label="{name}")
+    with pytest.raises(ValueError, match=r"special token\(s\) \['<vid>'\]"):
+        LongVITAProcessor(tokenizer=tok, video_frame_label="<vid>{}")
+
+
 def test_processor_max_tiles_override(tiny):
     # aspect 1.5, grids up to 4 tiles: (1,1), (2,1) and (2,2) all differ by 0.5; the big image takes (2,2)
     out = tiny("<image>", images=[photo("coffee")], max_tiles=4)

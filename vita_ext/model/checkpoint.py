@@ -90,12 +90,20 @@ def _write_shards(path: str, names_shapes: dict[str, tuple[int, ...]], dtype: to
 
 
 def _write_side_files(path: str, config: LongVITAConfig, tokenizer_path: str | None,
-                      generation_config: dict | None) -> None:
+                      generation_config: dict | None, processor_config: dict | None = None) -> None:
     config.save(path)
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config or GENERATION_CONFIG, f, indent=2)
         f.write("\n")
+<<<<<<< HEAD
     from vita_ext.processing import LongVITATokenizer
+=======
+    if processor_config:  # a model's own processor settings (LongVITAProcessor.from_pretrained reads them)
+        with open(os.path.join(path, "processor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(processor_config, f, indent=2)
+            f.write("\n")
+    from vita_ext.processing import LongVITATokenizer, default_tokenizer_path
+>>>>>>> wip/digits
 
     # the packaged tokenizer is parsed once per process (LongVITATokenizer.default), not once per save
     tokenizer = LongVITATokenizer.from_pretrained(tokenizer_path) if tokenizer_path else LongVITATokenizer.default()
@@ -103,8 +111,10 @@ def _write_side_files(path: str, config: LongVITAConfig, tokenizer_path: str | N
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    tokenizer_path: str | None = None, generation_config: dict | None = None) -> None:
-    """Save a ``LongVITAForCausalLM`` in the release layout (weights in the model's dtype)."""
+                    tokenizer_path: str | None = None, generation_config: dict | None = None,
+                    processor_config: dict | None = None) -> None:
+    """Save a ``LongVITAForCausalLM`` in the release layout (weights in the model's dtype), with
+    ``processor_config.json`` when ``processor_config`` is given (settings of LongVITAProcessor)."""
     path = os.fspath(path)
     state = model.state_dict()
     if model.config.text.tie_word_embeddings:
@@ -112,12 +122,13 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_bytes: int = DEFAU
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     dtype = model.dtype
     _write_shards(path, shapes, dtype, max_shard_bytes, lambda n: state[n].detach().cpu())
-    _write_side_files(path, model.config, tokenizer_path, generation_config)
+    _write_side_files(path, model.config, tokenizer_path, generation_config, processor_config)
 
 
 def write_random_checkpoint(path: str | os.PathLike, config: LongVITAConfig, dtype: torch.dtype = torch.bfloat16,
                             seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                            tokenizer_path: str | None = None, generation_config: dict | None = None) -> str:
+                            tokenizer_path: str | None = None, generation_config: dict | None = None,
+                            processor_config: dict | None = None) -> str:
     """Write a seeded random-weight checkpoint in the exact release layout for any config (the real
     14B shapes included: ~29.5 GB in bf16, written shard by shard in bounded memory).
 
@@ -126,7 +137,7 @@ def write_random_checkpoint(path: str | os.PathLike, config: LongVITAConfig, dty
     path = os.fspath(path)
     shapes = parameter_shapes(config)
     _write_shards(path, shapes, dtype, max_shard_bytes, lambda n: random_tensor(n, shapes[n], seed))
-    _write_side_files(path, config, tokenizer_path, generation_config)
+    _write_side_files(path, config, tokenizer_path, generation_config, processor_config)
     return path
 
 

@@ -1,10 +1,11 @@
 """The model ``vita-ext generate`` runs when no --model is given: offline and clearly labelled.
 
-It is the packaged digits model (``vita_ext/assets/digits_model``): a 5M-parameter Long-VITA (real
-Qwen2.5 vocabulary, 56-px tiles) trained by ``scripts/train_digits.py`` through the four training
-stages on scikit-learn's handwritten digits. It answers questions such as "Which digit is this?"
-about a digit image, and nothing else. If the asset is missing (a stripped install), a tiny model
-with SEEDED RANDOM weights runs instead, and says so.
+It is the packaged digits model (``vita_ext/assets/digits_model``): a 10M-parameter Long-VITA (real
+Qwen2.5 vocabulary, 28-px tiles) trained by ``scripts/train_digits.py`` through the four training
+stages on scikit-learn's handwritten digits. It answers "Which digit is this?" about a digit image and
+reads short videos of digits ("Read the digits in order.", frames numbered by its processor_config.json;
+about half the digits of a 16-frame video), and nothing else. If the asset is missing (a stripped
+install), a tiny model with SEEDED RANDOM weights runs instead, and says so.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 DEFAULT_SEED = 0
 DIGITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_model")
 DIGITS_LABEL = ("no --model given: running the embedded default model, a tiny Long-VITA trained on handwritten "
-                "digits (scikit-learn's digits; ask e.g. \"Which digit is this?\" about a digit image; it knows "
-                "nothing else)")
+                "digits (scikit-learn's digits; ask e.g. \"Which digit is this?\" about a digit image, or \"Read the "
+                "digits in order.\" about a short video of digits; it knows nothing else)")
 RANDOM_LABEL = ("no --model given: running the embedded tiny default model with SEEDED RANDOM weights "
                 "(real tokenizer and preprocessing, meaningless text)")
 

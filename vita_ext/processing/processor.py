@@ -24,6 +24,11 @@ from .tokenizer import LongVITATokenizer
 from .video import MAX_FRAMES, VideoLike, VideoSource
 
 
+PROCESSOR_CONFIG = "processor_config.json"
+# processor settings a checkpoint may fix in its processor_config.json (Long-VITA's releases have none)
+CONFIG_KEYS = ("max_tiles", "min_tiles", "max_frames", "max_fps", "video_frame_label")
+
+
 def _as_list(items, name: str) -> list:
     if items is None:
         return []
@@ -32,6 +37,25 @@ def _as_list(items, name: str) -> list:
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"{name}: expected a list, received {type(items).__name__}")
     return list(items)
+
+
+def read_processor_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings of ``path``/processor_config.json ({} when the file is absent). Raises ValueError
+    naming an unknown key (expected: CONFIG_KEYS) or a file that is not a JSON object."""
+    file = os.path.join(os.fspath(path), PROCESSOR_CONFIG)
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, received {type(data).__name__}")
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{file}: unknown key(s) {unknown}; expected some of {list(CONFIG_KEYS)}")
+    return data
 
 
 def _image_size(image: ImageLike) -> tuple[int, int]:
@@ -76,11 +100,17 @@ class LongVITAProcessor:
     the tile size and T = tokens_per_tile(image_size, patch_size) (256 for Long-VITA, 4 for 56-px tiles).
     max_tiles: image tile limit (12); max_frames / max_fps: video sampling (128 / 1.0);
     pixel_dtype: dtype of pixel_values (float32; bfloat16 halves memory for thousands of frames);
-    progress: tqdm bar while decoding videos."""
+    progress: tqdm bar while decoding videos.
+    video_frame_label: None (Long-VITA's layout: frames follow each other with nothing between) or a
+    ``str.format`` pattern of the 1-based frame index whose text is written before each video frame's
+    <vid>, e.g. "{:03d}" (the packaged digits model numbers its frames "001", "002", ... as its
+    training prompts do). Raises ValueError if the pattern does not format an int or its text holds a
+    special token."""
 
     def __init__(self, tokenizer: LongVITATokenizer | None = None, image_size: int = 448, patch_size: int = 14,
                  max_tiles: int = 12, max_frames: int = 128, max_fps: float = 1.0, min_tiles: int = 1,
-                 pixel_dtype: torch.dtype = torch.float32, progress: bool = False):
+                 pixel_dtype: torch.dtype = torch.float32, progress: bool = False,
+                 video_frame_label: str | None = None):
         self.tokenizer = tokenizer if tokenizer is not None else LongVITATokenizer.default()
         self.image_size, self.patch_size = int(image_size), int(patch_size)
         self.tokens_per_tile = tokens_per_tile(self.image_size, self.patch_size)
@@ -88,12 +118,45 @@ class LongVITAProcessor:
         self.min_tiles = _limit(min_tiles, "min_tiles", 1, self.max_tiles)
         self.max_frames, self.max_fps = _limit(max_frames, "max_frames", 1, MAX_FRAMES), float(max_fps)
         self.pixel_dtype, self.progress = pixel_dtype, progress
+        self.video_frame_label = video_frame_label
+        self._label_cache: dict[int, list[int]] = {}
+        if video_frame_label is not None:
+            self._frame_label_ids(1)  # fail now on a bad pattern, not on the first video
+
+    def _frame_label_ids(self, index: int) -> list[int]:
+        """Token ids of the label before 1-based video frame ``index`` (video_frame_label)."""
+        ids = self._label_cache.get(index)
+        if ids is None:
+            try:
+                text = self.video_frame_label.format(index)
+            except (ValueError, IndexError, KeyError) as e:
+                raise ValueError(f"video_frame_label: expected a str.format pattern of the frame index such as "
+                                 f"'{{:03d}}', received {self.video_frame_label!r} ({e})") from e
+            ids = self.tokenizer.encode(text)
+            specials = [i for i in ids if i >= 151643]  # <|endoftext|> and every added/special token
+            if specials:
+                raise ValueError(f"video_frame_label: the label of frame {index} ({text!r}) holds special "
+                                 f"token(s) {sorted(self.tokenizer.id_to_token(i) for i in set(specials))}")
+            self._label_cache[index] = ids
+        return ids
+
+    def config_dict(self) -> dict[str, Any]:
+        """The settings a checkpoint's processor_config.json holds (CONFIG_KEYS)."""
+        return {k: getattr(self, k) for k in CONFIG_KEYS}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write processor_config.json (CONFIG_KEYS) into ``directory``."""
+        with open(os.path.join(os.fspath(directory), PROCESSOR_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(self.config_dict(), f, indent=2)
+            f.write("\n")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "LongVITAProcessor":
         """Processor for a checkpoint directory: its tokenizer files (or, if it has none, the packaged
-        tokenizer, with a warning) and config.json's visual.image_size / visual.patch_size (448 / 14 if
-        absent). kwargs override constructor arguments. Raises FileNotFoundError if `path` is missing."""
+        tokenizer, with a warning), config.json's visual.image_size / visual.patch_size (448 / 14 if
+        absent) and, when present, processor_config.json (CONFIG_KEYS; a model's own settings, e.g. the
+        digits model's frame numbering). kwargs override both. Raises FileNotFoundError if `path` is
+        missing, ValueError for an unknown processor_config.json key."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -112,12 +175,19 @@ class LongVITAProcessor:
                 raise ValueError(f"{config_path}: not valid JSON ({e})") from e
             visual = config.get("visual") if isinstance(config, dict) else None
             for key in ("image_size", "patch_size"):
+<<<<<<< HEAD
                 value = visual.get(key) if isinstance(visual, dict) else None
                 if value is None:
                     continue
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{config_path}: field 'visual.{key}' must be a positive integer, got {value!r}")
                 kwargs.setdefault(key, value)
+=======
+                if key in visual:
+                    kwargs.setdefault(key, visual[key])
+        for key, value in read_processor_config(path).items():
+            kwargs.setdefault(key, value)
+>>>>>>> wip/digits
         return cls(**kwargs)
 
     # ---- public API ----------------------------------------------------------------------------
@@ -181,7 +251,9 @@ class LongVITAProcessor:
     def __repr__(self) -> str:
         return (f"LongVITAProcessor(image_size={self.image_size}, patch_size={self.patch_size}, "
                 f"tokens_per_tile={self.tokens_per_tile}, max_tiles={self.max_tiles}, "
-                f"max_frames={self.max_frames}, max_fps={self.max_fps}, pixel_dtype={self.pixel_dtype})")
+                f"max_frames={self.max_frames}, max_fps={self.max_fps}, pixel_dtype={self.pixel_dtype}"
+                + (f", video_frame_label={self.video_frame_label!r}" if self.video_frame_label is not None else "")
+                + ")")
 
     # ---- internals -----------------------------------------------------------------------------
     def _build(self, ids: list[int], labels: list[int] | None, images, videos,
@@ -239,7 +311,8 @@ class LongVITAProcessor:
                 offset += n
         if offset != pixel_values.shape[0]:  # a video held fewer frames than its header said
             pixel_values = pixel_values[:offset].clone()
-        out = expand_media_tokens(ids, media, self.tokenizer, self.tokens_per_tile, labels)
+        label_ids = self._frame_label_ids if self.video_frame_label is not None else None
+        out = expand_media_tokens(ids, media, self.tokenizer, self.tokens_per_tile, labels, label_ids)
         result = {
             "input_ids": torch.tensor(out.input_ids, dtype=torch.long).unsqueeze(0),
             "pixel_values": pixel_values,

@@ -5,12 +5,14 @@ Source: Long-VITA inference (get_external_inputs) and training data code. An ima
     <img> T x <IMG_CONTEXT> </img>  then, only if there is more than one tile, for each grid row:
     "\\n" (token 198), then per tile <patch> T x <PATCH_CONTEXT> </patch>
 and a video of F frames becomes F x (<vid> T x <VID_CONTEXT> </vid>). T = tokens per tile (256 for
-448-px tiles, 14-px patches and the 2x2 pixel shuffle). Tags are expanded in text order.
+448-px tiles, 14-px patches and the 2x2 pixel shuffle). Tags are expanded in text order. A model may
+add its own text label before each video frame (``frame_label_ids``; the packaged digits model numbers
+its frames "001", "002", ...); Long-VITA's checkpoints use none.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
@@ -112,11 +114,15 @@ def check_no_vision_tokens(ids: Iterable[int], tokenizer) -> None:
 
 
 def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenizer, tokens_per_tile: int,
-                        labels: Sequence[int] | None = None) -> Expanded:
+                        labels: Sequence[int] | None = None,
+                        frame_label_ids: Callable[[int], Sequence[int]] | None = None) -> Expanded:
     """Replace each <image>/<video> token in `ids` by its vision tokens (layout in the module docstring).
 
     media: one MediaSpec per tag, in text order (kinds must match the tags). tokenizer: provides the
     special ids (LongVITATokenizer). labels: optional, same length as ids; vision tokens get -100.
+    frame_label_ids: None (Long-VITA's layout) or a function of the 1-based frame index returning the
+    token ids written before that video frame's <vid> (a model's own frame numbering, e.g. the digits
+    model's "001"); they are unsupervised (-100) like the frame.
     Returns Expanded(input_ids, context_positions, labels). Raises ValueError when tags and media do not
     match, or when the text itself holds a CONTEXT/start/end vision token (they are reserved)."""
     t = tokenizer
@@ -158,7 +164,9 @@ def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenize
                     for _ in range(cols):
                         _block(t.patch_start_id, t.patch_context_id, t.patch_end_id)
         else:
-            for _ in range(spec.n_tiles):
+            for f in range(spec.n_tiles):
+                if frame_label_ids is not None:
+                    out_ids.extend(frame_label_ids(f + 1))
                 _block(t.vid_start_id, t.vid_context_id, t.vid_end_id)
         if out_labels is not None:
             out_labels.extend([IGNORE_INDEX] * (len(out_ids) - before))
@@ -166,12 +174,16 @@ def expand_media_tokens(ids: Sequence[int], media: Sequence[MediaSpec], tokenize
 
 
 def expanded_length(ids: Iterable[int], media: Sequence[MediaSpec], tokens_per_tile: int,
-                    image_token_id: int, video_token_id: int) -> int:
-    """Length of the expanded sequence without building it (for budgeting long videos)."""
+                    image_token_id: int, video_token_id: int,
+                    frame_label_len: Callable[[int], int] | None = None) -> int:
+    """Length of the expanded sequence without building it (for budgeting long videos).
+    frame_label_len: tokens of the label before 1-based video frame k (see expand_media_tokens)."""
     n = sum(1 for t in ids if t not in (image_token_id, video_token_id))
     for m in media:
         if m.kind == "video":
             n += m.n_tiles * (tokens_per_tile + 2)
+            if frame_label_len is not None:
+                n += sum(frame_label_len(k + 1) for k in range(m.n_tiles))
         else:
             n += tokens_per_tile + 2 + ((m.grid[1] + (m.n_tiles - 1) * (tokens_per_tile + 2)) if m.n_tiles > 1 else 0)
     return n

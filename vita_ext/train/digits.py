@@ -1,25 +1,40 @@
 """The digits recipe: scikit-learn's handwritten digits through Long-VITA's four stages on CPU.
 
 Data. ``load_digits`` (1797 grey 8x8 images, values 0..16) is split per class into a training and a
-held-out test set (20%, seeded). Each digit becomes a 56x56 RGB PNG (dark ink on white, bicubic
-upsampling): with 14-px patches that is a 4x4 patch grid and 4 LLM tokens after the pixel shuffle,
-so one image costs 6 tokens (``<img>``, 4 x ``<IMG_CONTEXT>``, ``</img>``).
+held-out test set (20%, seeded). Each digit becomes a 28x28 RGB PNG (dark ink on white, bicubic
+upsampling): with 14-px patches that is a 2x2 patch grid and ONE LLM token after the pixel shuffle,
+so an image costs 3 tokens (``<img>``, ``<IMG_CONTEXT>``, ``</img>``) and 256 numbered frames ~1.6K.
 
-Tasks (all in the release JSONL format, media paths relative to the file):
-- stage 0, text only:      "seven\\nDescribe the image." -> "a handwritten 7", "seven\\nWhich digit
-  is this?" -> "7". Long-VITA starts from a pretrained Qwen2.5 and aligns the projector to it in
-  stage 1; no pretrained LLM exists at this size, so this short language stage gives ours the
-  knowledge stage 1 aligns to (which word names which digit, how to caption and answer). It trains
-  the LLM only; no image is involved.
+Frames. N images are written each after its 3-digit number (``FRAME_LABEL``):
+"001<image>002<image>...N<image>\\n". Fixed-width numbers keep every frame 6 tokens long, so the frame
+before a frame is always 6 tokens back (see benchmarks/RESULTS.md: with numbers of 1-3 digits, or any
+spacing other than a constant one, the small model did not learn to read in our budget). Questions
+are unchanged: "Read the digits in order." -> the N digits ("7302..."); "Which frame shows a 3?" ->
+the frame's number as a plain integer ("12"). This numbering is the digits model's own: its
+``processor_config.json`` (``PROCESSOR_CONFIG``) makes ``LongVITAProcessor`` write the same numbers
+before the frames of a video, so ``vita-ext generate --video DIGITS.mp4 --prompt "Read the digits in
+order."`` sees what the model was trained on; Long-VITA's checkpoints have no such file and keep the
+release's video layout.
+
+Stages (``stage_records``; ``Mix`` and ``Phase`` say how many records of each kind, and in which order):
+- stage 0, text only, the LLM trainable. Long-VITA starts from a pretrained Qwen2.5; no pretrained LLM
+  exists at this size, so this stage gives ours what stage 1 relies on. (a) Which word names which
+  digit: "seven\\nWhich digit is this?" -> "7", "seven\\nDescribe the image." -> "a handwritten 7".
+  (b) Reading and searching long text, as a pretrained LLM can: the frame layout above with each
+  digit's word in brackets for its image ("001[seven]002[three]...\\n" + the two questions), N
+  growing over the stage (a curriculum: the model learns to read short lists first; the shipped
+  recipe stops at 16, see scripts/train_digits.py STAGES).
 - stage 1, captions:       "<image>\\nDescribe the image."           -> "a handwritten 7"
-- stage 2, single images:  "<image>\\nWhich digit is this?" (and rephrasings) -> "7"
-- stages 3-4, frames: N images, each after its 1-based number: "1<image>2<image>...N<image>\\n" then
-  "Read the digits in order." -> the N digits ("7302..."), or
-  "Which frame shows a 3?" -> "12" (exactly one frame shows that digit).
-  Stage 3 uses N in {2, 4, 16, 64}, stage 4 N in {16, 64, 256}. Stage-2 data (single-image questions)
-  is mixed in at the paper's ratio of 0.1, which we read as 10% of the supervised tokens (the loss
-  is a per-supervised-token average, so that is 10% of the training signal; 10% of the records
-  would be ~1% of it, since a 256-frame answer has 258 supervised tokens and a single-image one 3).
+- stage 2, single images:  "<image>\\nWhich digit is this?" (and rephrasings) -> "7", with captions and
+  a share of stage 0's word sequences (the paper's stage 2 mixes text data too), so the LLM keeps them.
+- stages 3-4, frames: the two questions on N numbered held-in images, N growing over each stage
+  (stage 3 up to 64, stage 4 up to 256); a share in the video layout ("<video>Read the digits in
+  order." with a folder of frames, as the CLI builds it). Stage-2 questions are mixed in at the
+  paper's ratio of 0.1, which we read as 10% of the supervised tokens (the loss is a per-supervised-
+  token average; 10% of the records would be ~1% of the signal next to 258-token answers).
+Records are written in curriculum order and the stages train with ``shuffle: false``; each ``Phase``
+is sized by replaying the trainer's packing (greedy next-fit in file order) so it fills its number of
+optimizer steps.
 
 Evaluation (``evaluate``): greedy generation with the same processor and ``generate`` as the CLI, on
 the held-out images: single-image accuracy, and for N in {16, 64, 256} the per-digit accuracy of
@@ -38,7 +53,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_SIZE = 56
+IMAGE_SIZE = 28
+PATCH_SIZE = 14
+FRAME_LABEL = "{:03d}"  # the number written before frame k (1-based) of a sequence or video
+PROCESSOR_CONFIG = {"max_tiles": 1, "max_frames": 256, "video_frame_label": FRAME_LABEL}
 QUESTIONS = ("Which digit is this?", "What digit is shown?", "What number is written here?", "Which digit do you see?")
 CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Write a caption for this image.")
 READ_QUESTION = "Read the digits in order."
@@ -46,21 +64,25 @@ FIND_QUESTION = "Which frame shows a {digit}?"
 GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
                      "do_sample": False, "temperature": 0.0, "repetition_penalty": 1.0, "top_k": 0, "top_p": 1.0,
                      "max_new_tokens": 300}
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def digits_config():
     """The shipped model: the real Qwen2.5 vocabulary (152064 rows) tied between embedding and head,
-    hidden 32, 4 decoder layers (4 query / 2 KV heads of dim 16), a 2-layer 32-wide ViT on 56-px tiles.
-    The tied embedding is ~4.9M of its ~5.0M parameters (~9.8 MB in bf16)."""
+    hidden HIDDEN, LAYERS decoder layers, and a small ViT on 28-px tiles (one LLM token per image)."""
     from vita_ext.model.config import LongVITAConfig, TextConfig, VisionConfig
     from vita_ext.model.presets import QWEN2_VOCAB
 
     return LongVITAConfig(
-        text=TextConfig(vocab_size=QWEN2_VOCAB, hidden_size=32, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                        rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True),
-        vision=VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=IMAGE_SIZE, patch_size=14))
+        text=TextConfig(vocab_size=QWEN2_VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
+                        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                        rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
+                        tie_word_embeddings=True),
+        vision=VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE))
+
+
+HIDDEN, LAYERS = 64, 4
 
 
 @dataclass
@@ -86,10 +108,10 @@ def load_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]
     return (Split(images[train_ids], labels[train_ids], train_ids), Split(images[test_ids], labels[test_ids], test_ids))
 
 
-def to_image(pixels: np.ndarray) -> Image.Image:
-    """8x8 values in 0..16 -> a 56x56 RGB image, dark ink on white."""
+def to_image(pixels: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
+    """8x8 values in 0..16 -> a size x size RGB image, dark ink on white."""
     grey = (255 - pixels.astype(np.float32) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(grey).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).convert("RGB")
+    return Image.fromarray(grey).resize((size, size), Image.BICUBIC).convert("RGB")
 
 
 def write_images(split: Split, directory: str, prefix: str) -> list[str]:
@@ -105,17 +127,45 @@ def write_images(split: Split, directory: str, prefix: str) -> list[str]:
     return paths
 
 
+def write_digits_video(path: str, images: list[np.ndarray], seconds_per_frame: int = 1, size: int = IMAGE_SIZE) -> str:
+    """An MP4 video of 8x8 digits (values 0..16), one per frame, each shown ``seconds_per_frame``
+    seconds (so Long-VITA's 1-fps sampling takes every frame), frames ``size`` px as ``to_image``
+    draws them. H.264 lossless (crf 0, 4:4:4) when PyAV has libx264, else MPEG-4 at its best quality."""
+    import av
+
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=1)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv444p" if codec == "libx264" else "yuv420p"
+        stream.options = {"crf": "0"} if codec == "libx264" else {"qscale": "1"}
+        for pixels in images:
+            frame = av.VideoFrame.from_ndarray(np.asarray(to_image(pixels, size)), format="rgb24")
+            for _ in range(seconds_per_frame):
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 # ----------------------------------------------------------------------------------- records
-def _record(user: str, answer: str, images: list[str]) -> dict:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-            "images": images}
+def _record(user: str, answer: str, images: list[str], videos: list[str] | None = None) -> dict:
+    record = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+              "images": images}
+    if videos:
+        record["videos"] = videos
+    return record
 
 
 def frames_prompt(n: int) -> str:
-    return "".join(f"{k + 1}<image>" for k in range(n)) + "\n"
+    """The frames of an N-image question: each <image> after its number (FRAME_LABEL), then a newline."""
+    return "".join(f"{FRAME_LABEL.format(k + 1)}<image>" for k in range(n)) + "\n"
 
 
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+def words_prompt(digits: list[int]) -> str:
+    """Stage 0's stand-in for frames_prompt: each digit's word in brackets where its image would be."""
+    return "".join(f"{FRAME_LABEL.format(k + 1)}[{WORDS[d]}]" for k, d in enumerate(digits)) + "\n"
 
 
 def text_record(digit: int, rng: random.Random) -> dict:
@@ -157,36 +207,56 @@ def find_record(paths: list[str], frames: list[int], digit: int, k: int) -> dict
     return _record(frames_prompt(len(frames)) + FIND_QUESTION.format(digit=digit), str(k), [paths[i] for i in frames])
 
 
-def stage_records(stage: int, paths: list[str], labels: np.ndarray, sizes: dict[int, int], seed: int = 0,
-                  stage2_ratio: float = 0.1) -> list[dict]:
-    """Training records of a stage. sizes: for stages 3-4, {N frames: records per task}; for stages
-    0-2, {0: repeats of the training images}. stage2_ratio: share of the supervised tokens of stages
-    3-4 that come from single-image questions."""
-    rng = random.Random(seed * 1000 + stage)
-    records: list[dict] = []
-    if stage == 0:
-        for _ in range(sizes.get(0, 1)):
-            records += [text_record(int(d), rng) for d in labels]
-    elif stage == 1:
-        for _ in range(sizes.get(0, 1)):
-            records += [caption_record(p, int(d), rng) for p, d in zip(paths, labels)]
-    elif stage == 2:
-        for _ in range(sizes.get(0, 1)):
-            records += [qa_record(p, int(d), rng) for p, d in zip(paths, labels)]
-        records += [caption_record(p, int(d), rng) for p, d in zip(paths, labels) if rng.random() < 0.2]
-    else:
-        for n, count in sizes.items():
-            for _ in range(count):
-                records.append(read_record(paths, labels, read_sequence(labels, n, rng)))
-                frames, digit, k = find_sequence(labels, n, rng)
-                records.append(find_record(paths, frames, digit, k))
-        long_tokens = sum(supervised_tokens(r) for r in records)
-        extra = round(stage2_ratio / (1 - stage2_ratio) * long_tokens / QA_SUPERVISED)
-        for _ in range(extra):
-            i = rng.randrange(len(paths))
-            records.append(qa_record(paths[i], int(labels[i]), rng))
-    rng.shuffle(records)
-    return records
+def words_read_record(digits: list[int]) -> dict:
+    return _record(words_prompt(digits) + READ_QUESTION, "".join(map(str, digits)), [])
+
+
+def words_find_record(digits: list[int], digit: int, k: int) -> dict:
+    return _record(words_prompt(digits) + FIND_QUESTION.format(digit=digit), str(k), [])
+
+
+def video_record(video: str, question: str, answer: str) -> dict:
+    """A question about a video (a folder of frames) as ``vita-ext generate --video V --prompt Q`` lays
+    it out: "<video>" + question (the processor numbers the frames, see PROCESSOR_CONFIG)."""
+    return _record(f"<video>{question}", answer, [], [video])
+
+
+def write_video_folder(directory: str, frame_paths: list[str]) -> str:
+    """A video as a folder of frames: symbolic links 0001.png ... to the (absolute) image paths."""
+    os.makedirs(directory, exist_ok=True)
+    for k, path in enumerate(frame_paths):
+        link = os.path.join(directory, f"{k + 1:04d}.png")
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(path), link)
+    return directory
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A block of sequence records with N uniform in [n_min, n_max], enough to fill ``steps`` packed
+    rows (optimizer steps) of the stage's sequence length."""
+    n_min: int
+    n_max: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What a stage's JSONL holds. repeats: passes over the training images (stage 0: their words;
+    1: captions; 2: questions, plus captions of 20% of them). phases: sequence records in curriculum
+    order (stage 0: words; 2: words, retention; 3-4: images). find_share: share of "which frame"
+    records among sequences; video_share: share in the video layout (stages 3-4); single_share:
+    share of supervised tokens from single-image questions (stages 3-4, the paper's 0.1).
+    The single records (words, captions, questions) of stages 0-2 are spread evenly over the phases."""
+    repeats: int = 0
+    phases: tuple[Phase, ...] = ()
+    find_share: float = 0.5
+    video_share: float = 0.0
+    single_share: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return sum(p.steps for p in self.phases)
 
 
 QA_SUPERVISED = 3  # "7" + "<|im_end|>" + "\n"
@@ -194,9 +264,142 @@ QA_SUPERVISED = 3  # "7" + "<|im_end|>" + "\n"
 
 def supervised_tokens(record: dict) -> int:
     """Supervised tokens of a digits record: its answer (one token per digit here; the captions'
-    words are single tokens too) plus "<|im_end|>" and "\n"."""
+    words are single tokens too) plus "<|im_end|>" and "\\n"."""
     answer = record["messages"][-1]["content"]
     return (len(answer) if answer.isdigit() else len(answer.split()) + 1) + 2
+
+
+class TokenCounter:
+    """Exact token count of a record after the processor's expansion (chat template, T tokens + 2 per
+    image, frame labels + T + 2 per video frame), from text only (no image is read)."""
+
+    def __init__(self, frames_of_video: dict[str, int] | None = None):
+        from vita_ext.processing import LongVITATokenizer, tokens_per_tile
+        from vita_ext.processing.prompt import apply_chat_template
+
+        self.tok, self.template = LongVITATokenizer.default(), apply_chat_template
+        self.tile = tokens_per_tile(IMAGE_SIZE, PATCH_SIZE)
+        self.label = len(self.tok.encode(FRAME_LABEL.format(1)))
+        self.frames_of_video = frames_of_video if frames_of_video is not None else {}
+
+    def __call__(self, record: dict) -> int:
+        ids = self.tok.encode(self.template(record["messages"], add_generation_prompt=False))
+        n = len(ids) + len(record["images"]) * (self.tile + 1)
+        for v in record.get("videos", []):
+            n += self.frames_of_video[v] * (self.label + self.tile + 2) - 1
+        return n
+
+
+def _pack_rows(lengths: list[int], seq_len: int) -> int:
+    """Rows the trainer's packer (greedy next-fit in order, shuffle off) makes of these lengths."""
+    rows, used = 0, 0
+    for n in lengths:
+        if n > seq_len:
+            continue  # skipped as too_long by the trainer
+        if used and used + n > seq_len:
+            rows, used = rows + 1, 0
+        used += n
+    return rows + (1 if used else 0)
+
+
+def _single_records(stage: int, paths: list[str], labels: np.ndarray, repeats: int, rng: random.Random) -> list[dict]:
+    out: list[dict] = []
+    for _ in range(repeats):
+        if stage == 0:
+            out += [text_record(int(d), rng) for d in labels]
+        elif stage == 1:
+            out += [caption_record(p, int(d), rng) for p, d in zip(paths, labels)]
+        elif stage == 2:
+            out += [qa_record(p, int(d), rng) for p, d in zip(paths, labels)]
+            out += [caption_record(p, int(d), rng) for p, d in zip(paths, labels) if rng.random() < 0.2]
+    rng.shuffle(out)
+    return out
+
+
+class _Sequences:
+    """Draws the sequence records of a stage: word sequences (stages 0, 2) or numbered image
+    sequences, some in the video layout (stages 3-4)."""
+
+    def __init__(self, stage: int, paths: list[str], labels: np.ndarray, mix: Mix, rng: random.Random,
+                 root: str | None, counter: TokenCounter):
+        self.stage, self.paths, self.labels, self.mix, self.rng = stage, paths, labels, mix, rng
+        self.root, self.counter, self.videos = root, counter, 0
+
+    def draw(self, phase: Phase) -> dict:
+        rng, n = self.rng, self.rng.randint(phase.n_min, phase.n_max)
+        find = rng.random() < self.mix.find_share
+        if self.stage in (0, 2):
+            if find:
+                digit = rng.randrange(10)
+                digits = [rng.choice([x for x in range(10) if x != digit]) for _ in range(n)]
+                k = rng.randrange(n)
+                digits[k] = digit
+                return words_find_record(digits, digit, k + 1)
+            return words_read_record([rng.randrange(10) for _ in range(n)])
+        if find:
+            frames, digit, k = find_sequence(self.labels, n, rng)
+            question, answer = FIND_QUESTION.format(digit=digit), str(k)
+        else:
+            frames = read_sequence(self.labels, n, rng)
+            question, answer = READ_QUESTION, "".join(str(self.labels[i]) for i in frames)
+        if self.root is not None and rng.random() < self.mix.video_share:
+            rel = os.path.join("videos", f"stage{self.stage}_{self.videos:06d}")
+            self.videos += 1
+            write_video_folder(os.path.join(self.root, rel), [os.path.join(self.root, self.paths[i]) for i in frames])
+            self.counter.frames_of_video[rel] = n
+            return video_record(rel, question, answer)
+        images = [self.paths[i] for i in frames]
+        return _record(frames_prompt(n) + question, answer, images)
+
+
+def stage_records(stage: int, paths: list[str], labels: np.ndarray, mix: Mix, seed: int = 0, seq_len: int = 1024,
+                  root: str | None = None, counter: TokenCounter | None = None) -> list[dict]:
+    """The training records of a stage, in training order (see the module doc and ``Mix``).
+
+    paths: the training images (relative to ``root``, the directory of the JSONL file; video folders
+    of stages 3-4 are written under root/videos, and without a root no video record is made);
+    labels: their digits; seq_len: the stage's packed length (the phases are sized for it)."""
+    rng = random.Random(seed * 1000 + stage)
+    singles = _single_records(stage, paths, labels, mix.repeats, rng)
+    if not mix.phases:
+        return singles
+    counter = counter or TokenCounter()
+    draw = _Sequences(stage, paths, labels, mix, rng, root, counter)
+    records: list[dict] = []
+    rows, used, row_start = 0, 0, 0  # the trainer's next-fit packing, replayed
+    total, done = mix.steps, 0
+    spare = list(singles)
+    for p, phase in enumerate(mix.phases):
+        done += phase.steps
+        share = spare[:round(len(singles) * phase.steps / total)] if p < len(mix.phases) - 1 else spare
+        spare = spare[len(share):]
+        seq_sup = single_sup = 0
+        avg = 6 * (phase.n_min + phase.n_max) / 2 + 24
+        while rows < done:
+            if stage >= 3:
+                take_single = single_sup < mix.single_share / (1 - mix.single_share) * seq_sup
+            else:  # spread this phase's single records evenly between its sequences
+                left_seq = max(1.0, (done - rows) * seq_len / avg - 1)
+                take_single = bool(share) and rng.random() < len(share) / (len(share) + left_seq)
+            if take_single:
+                record = share.pop() if stage < 3 else qa_record(*_pick(paths, labels, rng), rng)
+                single_sup += supervised_tokens(record)
+            else:
+                record = draw.draw(phase)
+                seq_sup += supervised_tokens(record)
+            n = counter(record)
+            if n > seq_len:
+                raise ValueError(f"stage {stage}: a {n}-token record does not fit seq_len {seq_len}")
+            if used and used + n > seq_len:
+                rows, used, row_start = rows + 1, 0, len(records)
+            used += n
+            records.append(record)
+    return records[:row_start]  # the record that opened row `total` + 1 would not be trained on
+
+
+def _pick(paths: list[str], labels: np.ndarray, rng: random.Random) -> tuple[str, int]:
+    i = rng.randrange(len(paths))
+    return paths[i], int(labels[i])
 
 
 def write_jsonl(records: list[dict], path: str) -> str:
@@ -204,8 +407,6 @@ def write_jsonl(records: list[dict], path: str) -> str:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return path
-
-
 # -------------------------------------------------------------------------------- evaluation
 def _answer(model, processor, prompt: str, images: list, max_new_tokens: int) -> str:
     from vita_ext.generation import GenerationConfig, generate

@@ -328,7 +328,8 @@ class Trainer:
             model = self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)
             tmp = tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=self.cfg.out)
             try:
-                save_pretrained(model, tmp, generation_config=_generation_config(self.cfg.model))
+                save_pretrained(model, tmp, generation_config=_generation_config(self.cfg.model),
+                                processor_config=_side_json(self.cfg.model, "processor_config.json"))
                 ckpt._fsync_tree(tmp)
                 ckpt.install(tmp, path)
             except BaseException:
@@ -341,7 +342,12 @@ class Trainer:
 
 def _generation_config(model_dir: str) -> dict | None:
     """Carry the starting checkpoint's generation_config.json over to the trained model."""
-    path = os.path.join(model_dir, "generation_config.json")
+    return _side_json(model_dir, "generation_config.json")
+
+
+def _side_json(model_dir: str, name: str) -> dict | None:
+    """A JSON side file of the starting checkpoint (generation / processor config), carried over."""
+    path = os.path.join(model_dir, name)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)

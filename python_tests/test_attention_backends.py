@@ -24,13 +24,17 @@ def _fresh_selection_cache():
     ab._select.cache_clear()
 
 
-def _call(device="cpu", dtype=BF16, d=128, varlen=False, grad=False):
-    return ab.AttentionCall(device, dtype, d, varlen, grad)
+def _call(device="cpu", dtype=BF16, d=128, varlen=False, grad=False, decode=False):
+    return ab.AttentionCall(device, dtype, d, varlen, grad, decode=decode)
 
 
 # --------------------------------------------------------------------------------------- selection
 @pytest.mark.parametrize("call, want", [
     (_call("cpu", BF16), "flash"),
+    (_call("cpu", BF16, decode=True), "vita"),            # CPU bf16 decode: our kernel measured 2-3x PyTorch's
+    (_call("cpu", torch.float16, decode=True), "vita"),
+    (_call("cpu", F32, decode=True), "flash"),            # fp32 decode: PyTorch's is faster
+    (_call("cuda", BF16, decode=True), "flash"),          # CUDA decode: aten's split-KV flash forward
     (_call("cpu", torch.float16, grad=True), "flash"),
     (_call("cpu", F32), "flash"),             # fp32 inference: PyTorch's CPU flash forward
     (_call("cpu", F32, grad=True), "vita"),   # fp32 training: its backward misses the accuracy rule

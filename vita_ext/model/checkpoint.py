@@ -95,15 +95,11 @@ def _write_side_files(path: str, config: LongVITAConfig, tokenizer_path: str | N
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config or GENERATION_CONFIG, f, indent=2)
         f.write("\n")
-<<<<<<< HEAD
-    from vita_ext.processing import LongVITATokenizer
-=======
     if processor_config:  # a model's own processor settings (LongVITAProcessor.from_pretrained reads them)
         with open(os.path.join(path, "processor_config.json"), "w", encoding="utf-8") as f:
             json.dump(processor_config, f, indent=2)
             f.write("\n")
-    from vita_ext.processing import LongVITATokenizer, default_tokenizer_path
->>>>>>> wip/digits
+    from vita_ext.processing import LongVITATokenizer
 
     # the packaged tokenizer is parsed once per process (LongVITATokenizer.default), not once per save
     tokenizer = LongVITATokenizer.from_pretrained(tokenizer_path) if tokenizer_path else LongVITATokenizer.default()

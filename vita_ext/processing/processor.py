@@ -175,19 +175,14 @@ class LongVITAProcessor:
                 raise ValueError(f"{config_path}: not valid JSON ({e})") from e
             visual = config.get("visual") if isinstance(config, dict) else None
             for key in ("image_size", "patch_size"):
-<<<<<<< HEAD
                 value = visual.get(key) if isinstance(visual, dict) else None
                 if value is None:
                     continue
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{config_path}: field 'visual.{key}' must be a positive integer, got {value!r}")
                 kwargs.setdefault(key, value)
-=======
-                if key in visual:
-                    kwargs.setdefault(key, visual[key])
         for key, value in read_processor_config(path).items():
             kwargs.setdefault(key, value)
->>>>>>> wip/digits
         return cls(**kwargs)
 
     # ---- public API ----------------------------------------------------------------------------

@@ -15,8 +15,7 @@ GQA, ``cu_seqlens`` varlen, out = 0 / lse = -inf for rows that see no key):
   backward that takes a gradient w.r.t. lse.
 
 Automatic choice (per call): the first of flash_attn, flash, vita that takes the call, except that
-fp64 always runs ``vita`` (the float64 kernels are the specification's twin; gradcheck runs them), and
-so does a bf16/fp16 decode step (Sq = 1) on the CPU, where our kernel measured 2-3x PyTorch's.
+fp64 always runs ``vita`` (the float64 kernels are the specification's twin; gradcheck runs them).
 ``backend=`` on the call, else the environment variable ``VITA_EXT_ATTENTION_BACKEND``
 (``auto`` | ``flash_attn`` | ``flash`` | ``vita``), forces one; a forced backend that cannot take a
 call raises a ValueError saying why -- a backend is never used for a call it does not support.
@@ -168,10 +167,6 @@ def _select(call: AttentionCall, name: str) -> str:  # cached: decode asks once 
                              f"{', varlen' if call.varlen else ''}): {reason}")
         return name
     if call.dtype == torch.float64:
-        return "vita"
-    if call.device_type == "cpu" and call.decode and call.dtype in (torch.bfloat16, torch.float16):
-        # measured (B = 1, 8/2 heads, KV 128-8192): our decode kernel 2.0-3.1x PyTorch's CPU flash kernel at
-        # head_dim 64/128 in bf16, 0.95-1.4x at 16; in fp32 PyTorch's is faster (vita 0.3-0.8x)
         return "vita"
     for name in BACKENDS:
         if why_not(name, call, auto=True) is None:

@@ -24,16 +24,13 @@ def _fresh_selection_cache():
     ab._select.cache_clear()
 
 
-def _call(device="cpu", dtype=BF16, d=128, varlen=False, grad=False, decode=False):
-    return ab.AttentionCall(device, dtype, d, varlen, grad, decode=decode)
+def _call(device="cpu", dtype=BF16, d=128, varlen=False, grad=False):
+    return ab.AttentionCall(device, dtype, d, varlen, grad)
 
 
 # --------------------------------------------------------------------------------------- selection
 @pytest.mark.parametrize("call, want", [
     (_call("cpu", BF16), "flash"),
-    (_call("cpu", BF16, decode=True), "flash"),           # CPU decode: PyTorch's kernel with GQA folded into Sq
-    (_call("cpu", F32, decode=True), "flash"),
-    (_call("cuda", BF16, decode=True), "flash"),          # CUDA decode: aten's split-KV flash forward
     (_call("cpu", torch.float16, grad=True), "flash"),
     (_call("cpu", F32), "flash"),             # fp32 inference: PyTorch's CPU flash forward
     (_call("cpu", F32, grad=True), "vita"),   # fp32 training: its backward misses the accuracy rule

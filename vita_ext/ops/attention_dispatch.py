@@ -52,14 +52,13 @@ class AttentionCall:
     varlen: bool
     needs_grad: bool = False  # autograd will ask for dq/dk/dv (or it is a backward call)
     device_index: int | None = None
-    decode: bool = False  # one query row per sequence (Sq = 1) against a KV cache
 
 
 def call_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
             backward: bool = False) -> AttentionCall:
     needs_grad = backward or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     return AttentionCall(q.device.type, q.dtype, int(q.shape[-1]), cu_seqlens is not None, needs_grad,
-                         q.device.index, decode=q.shape[1] == 1 and cu_seqlens is None)
+                         q.device.index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,7 +200,6 @@ def attention_backends(device: str | torch.device = "cpu", dtype: torch.dtype = 
             table[name] = {"available": True, "reason": flash_attn_module()[1]}
             continue
         if reason is None and why_not(name, call, auto=True) is not None:
-            reason = ""
             table[name] = {"available": True, "reason": "only when forced: " + why_not(name, call, auto=True)}
             continue
         table[name] = {"available": reason is None, "reason": reason or ""}

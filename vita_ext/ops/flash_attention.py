@@ -134,9 +134,10 @@ def _fix_lse(lse: Tensor, sq: int, sk: int, causal: bool) -> Tensor:
 
 
 def nan_rows(out: Tensor, lse: Tensor) -> Tensor:
-    """out with NaN in every row whose lse is NaN (FlashAttention-2 writes 0 there): the spec's NaN
-    propagation, on the device with no host sync. out [B, S, H, D], lse [B, H, S]."""
-    return out.masked_fill(torch.isnan(lse).transpose(1, 2).unsqueeze(-1), math.nan)
+    """out with NaN in every row whose lse is NaN or +inf (the kernels write out = 0 there: FlashAttention-2
+    where its softmax sum is NaN, PyTorch's CPU kernel for a bf16 row facing an infinite key): the spec's NaN
+    propagation, with no host sync. out [B, S, H, D], lse [B, H, S]."""
+    return out.masked_fill((torch.isnan(lse) | torch.isposinf(lse)).transpose(1, 2).unsqueeze(-1), math.nan)
 
 
 _EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
@@ -158,18 +159,15 @@ def non_finite_on_host(q: Tensor) -> bool:
 
 
 def nan_rows_cpu(out: Tensor, lse: Tensor) -> Tensor:
-    """out with NaN in every row whose lse is NaN or +inf: PyTorch's CPU flash kernel returns out = 0 for a
-    bf16 row whose scores reach +inf (an infinite key), which would hide it. One look at the small lse
-    (CPU only); out is touched only when a row is poisoned."""
+    """``nan_rows`` for a CPU result: one look at the small lse first (in NumPy, no parallel region; see
+    non_finite_on_host), so out is touched only when a row is poisoned; traced or fake: unconditional."""
     if lse.numel() == 0:
         return out
-    bad = lambda: (torch.isnan(lse) | torch.isposinf(lse)).transpose(1, 2).unsqueeze(-1)  # noqa: E731
-    if torch.compiler.is_compiling() or isinstance(lse, FakeTensor):
-        return out.masked_fill(bad(), math.nan)  # traced: no data-dependent branch
-    a = lse.detach().numpy()  # NumPy: no parallel region (see non_finite_on_host)
-    if not (np.isnan(a).any() or np.isposinf(a).any()):
-        return out
-    return out.masked_fill(bad(), math.nan)
+    if not (torch.compiler.is_compiling() or isinstance(lse, FakeTensor)):
+        a = lse.detach().numpy()
+        if not (np.isnan(a).any() or np.isposinf(a).any()):
+            return out
+    return nan_rows(out, lse)
 
 
 def _varlen_lse(lse: Tensor, cu32: Tensor, total: int) -> Tensor:

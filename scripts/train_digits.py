@@ -59,17 +59,21 @@ from vita_ext.train.digits import Mix, Phase  # noqa: E402
 # stage -> (settings overriding the preset, what its JSONL holds)
 STAGES = {
     # stage 0: text only (stands in for the pretrained LLM; see digits.py), run with stage 2's settings
-    # and only the LLM trainable: the digits' words, then word lists read (and, 20%, searched), N growing
-    # 1 -> 16 (run 1 of RESULTS.md 9b went on to 256 in fewer steps and learned no reading at all)
+    # and only the LLM trainable: the digits' words, then word lists read (and, 10%, searched), N growing
+    # slowly 1 -> 64, each phase starting where the last one reads well (RESULTS.md 9b: jumping to long
+    # lists learned nothing; stopping at 16 read 16 but not 64)
     0: (dict(stage=2, trainable="llm+projector", seq_len=2048, lr=3e-3, min_lr=3e-5),
-        Mix(repeats=1, phases=(Phase(1, 3, 60), Phase(1, 8, 150), Phase(2, 16, 600)), find_share=0.2)),
+        Mix(repeats=1, phases=(Phase(1, 3, 60), Phase(1, 8, 150), Phase(2, 16, 450), Phase(2, 32, 350),
+                               Phase(4, 64, 700)), find_share=0.1)),
     1: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=150), Mix(repeats=2)),
     2: (dict(seq_len=1024, lr=2e-3, min_lr=2e-5), Mix(repeats=6, phases=(Phase(1, 64, 400),))),
-    # packing "reset" instead of the preset's "no-reset": see the module doc
+    # packing "reset" instead of the preset's "no-reset": see the module doc. Stage 3 climbs the same
+    # ladder on images; stage 4 keeps short sequences in its mix (without them 16-frame reading fell)
     3: (dict(seq_len=2048, lr=1e-3, min_lr=1e-5, packing="reset"),
-        Mix(phases=(Phase(1, 16, 300), Phase(1, 64, 150)), find_share=0.2, video_share=0.2, single_share=0.1)),
+        Mix(phases=(Phase(1, 16, 250), Phase(1, 32, 200), Phase(2, 64, 300)), find_share=0.1, video_share=0.2,
+            single_share=0.1)),
     4: (dict(seq_len=2048, lr=5e-4, min_lr=5e-6, packing="reset"),
-        Mix(phases=(Phase(16, 256, 150),), video_share=0.2, single_share=0.1)),
+        Mix(phases=(Phase(2, 64, 120), Phase(2, 256, 120)), find_share=0.1, video_share=0.2, single_share=0.1)),
 }
 MARK_START, MARK_END = "<!-- digits-table:start -->", "<!-- digits-table:end -->"
 PLOT_NAME, LOSS_NAME = "train_digits_accuracy.png", "train_digits_loss.png"

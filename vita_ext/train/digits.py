@@ -31,7 +31,8 @@ Stages (``stage_records``; ``Mix`` and ``Phase`` say how many records of each ki
   (stage 3 up to 64, stage 4 up to 256); a share in the video layout ("<video>Read the digits in
   order." with a folder of frames, as the CLI builds it). Stage-2 questions are mixed in at the
   paper's ratio of 0.1, which we read as 10% of the supervised tokens (the loss is a per-supervised-
-  token average; 10% of the records would be ~1% of the signal next to 258-token answers).
+  token average; 10% of the records would be ~1% of the signal next to 258-token answers); 30% of
+  those records are captions, so "Describe the image." keeps naming the digit.
 Records are written in curriculum order and the stages train with ``shuffle: false``; each ``Phase``
 is sized by replaying the trainer's packing (greedy next-fit in file order) so it fills its number of
 optimizer steps.
@@ -382,7 +383,7 @@ def stage_records(stage: int, paths: list[str], labels: np.ndarray, mix: Mix, se
                 left_seq = max(1.0, (done - rows) * seq_len / avg - 1)
                 take_single = bool(share) and rng.random() < len(share) / (len(share) + left_seq)
             if take_single:
-                record = share.pop() if stage < 3 else qa_record(*_pick(paths, labels, rng), rng)
+                record = share.pop() if stage < 3 else _stage2_record(paths, labels, rng)
                 single_sup += supervised_tokens(record)
             else:
                 record = draw.draw(phase)
@@ -395,6 +396,15 @@ def stage_records(stage: int, paths: list[str], labels: np.ndarray, mix: Mix, se
             used += n
             records.append(record)
     return records[:row_start]  # the record that opened row `total` + 1 would not be trained on
+
+
+CAPTION_SHARE = 0.3  # of the stage-2 records mixed into stages 3-4 (without them captions fade, RESULTS 9)
+
+
+def _stage2_record(paths: list[str], labels: np.ndarray, rng: random.Random) -> dict:
+    """A stage-2 record for the single-image share of stages 3-4: a question, or (CAPTION_SHARE) a caption."""
+    make = caption_record if rng.random() < CAPTION_SHARE else qa_record
+    return make(*_pick(paths, labels, rng), rng)
 
 
 def _pick(paths: list[str], labels: np.ndarray, rng: random.Random) -> tuple[str, int]:

@@ -153,7 +153,7 @@ def test_generate_answers_held_out_digits(split, tmp_path):
 def test_generate_reads_a_held_out_digits_video(split, tmp_path):
     """The README's video example: `vita-ext generate --video DIGITS.mp4 --prompt "Read the digits in
     order."` on videos of 16 held-out digits made by scripts/make_digits_video.py (greedy: deterministic
-    answers; the shipped model reads 19 of these 48 digits, 55.6% per digit over the 20 sequences of
+    answers; the shipped model reads 46 of these 48 digits, 95.9% per digit over the 20 sequences of
     RESULTS.md section 9; chance is 10%)."""
     import contextlib
     import io
@@ -174,7 +174,7 @@ def test_generate_reads_a_held_out_digits_video(split, tmp_path):
             assert main(["generate", "--video", str(video), "--prompt", digits.READ_QUESTION]) == 0
         got = "".join(c for c in out.getvalue() if c.isdigit())
         correct += sum(a == b for a, b in zip(got, answer.read_text().strip()))
-    assert correct >= 14, f"{correct}/48 digits read in order (chance ~5)"
+    assert correct >= 40, f"{correct}/48 digits read in order (chance ~5)"
 
 
 def _generate_in_process(main, image: str) -> str:

@@ -73,6 +73,10 @@ BROKEN_MODELS = {
     "index escapes the directory": (lambda p: (p / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"lm_head.weight": "../../etc/passwd"}})), ["is not a file name inside the checkpoint"]),
     "config.json not UTF-8": (lambda p: (p / "config.json").write_bytes(b'{"\xff": 1}'), ["config.json: not valid JSON"]),
+    "processor_config.json not UTF-8": (lambda p: (p / "processor_config.json").write_bytes(b'{"\xff": 1}'),
+                                        ["processor_config.json: not valid JSON"]),
+    "generation_config.json not UTF-8": (lambda p: (p / "generation_config.json").write_bytes(b'{"\xff": 1}'),
+                                         ["generation_config.json: not valid JSON"]),
     "vocab.json garbage": (lambda p: (p / "vocab.json").write_text('{"a": "b"}'), ["cannot load the tokenizer files"]),
 }
 

@@ -9,7 +9,6 @@ Long-VITA ``generation_config.json`` defaults.
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from vita_ext._json import read_json
 from vita_ext.model.language import LocalAttention
 from vita_ext.ops.attention_dispatch import BACKEND_CALLS, backends_between
 
@@ -42,11 +42,7 @@ class GenerationConfig:
         cfg = cls()
         file = os.path.join(os.fspath(path), "generation_config.json") if path is not None else None
         if file and os.path.exists(file):
-            try:
-                with open(file, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors
-                raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+            data = read_json(file)
             if not isinstance(data, dict):
                 raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
             try:

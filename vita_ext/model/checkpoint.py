@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vita_ext._json import read_json
 from vita_ext.model.config import LongVITAConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -145,11 +146,7 @@ def _shard_error(file: str, exc: BaseException) -> ValueError:
 
 
 def _read_index(index: str) -> dict[str, str]:
-    try:
-        with open(index, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors
-        raise ValueError(f"{index}: not valid JSON ({exc})") from exc
+    data = read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):

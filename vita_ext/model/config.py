@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from vita_ext._json import read_json
+
 # Fields of the release config that carry no information for inference/training here.
 _IGNORED_TEXT = {"architectures", "auto_map", "attention_dropout", "initializer_range", "model_type",
                  "torch_dtype", "transformers_version", "use_cache", "max_window_layers", "sliding_window",
@@ -181,11 +183,7 @@ class LongVITAConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"no config.json in {path!r}")
-        try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-        except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors
-            raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+        data = read_json(file)
         try:
             return cls.from_dict(data)
         except ValueError as exc:  # name the file: "config.json: ..." -> "<path>: ..."

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
+from .._json import read_json
 from .image import (MAX_TILES, ImageLike, _reason, candidate_grids, closest_grid, dynamic_tiles, load_image,
                     normalize, normalize_tile, prepare_tile)
 from .prompt import (IGNORE_INDEX, MediaSpec, apply_chat_template, chat_segments, check_no_vision_tokens,
@@ -45,11 +46,7 @@ def read_processor_config(path: str | os.PathLike) -> dict[str, Any]:
     file = os.path.join(os.fspath(path), PROCESSOR_CONFIG)
     if not os.path.isfile(file):
         return {}
-    with open(file, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from e
+    data = read_json(file)
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object, received {type(data).__name__}")
     unknown = sorted(set(data) - set(CONFIG_KEYS))
@@ -168,11 +165,7 @@ class LongVITAProcessor:
                 kwargs["tokenizer"] = LongVITATokenizer.default()
         config_path = os.path.join(path, "config.json")
         if os.path.isfile(config_path):
-            try:
-                with open(config_path, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+            config = read_json(config_path)
             visual = config.get("visual") if isinstance(config, dict) else None
             for key in ("image_size", "patch_size"):
                 value = visual.get(key) if isinstance(visual, dict) else None

@@ -68,13 +68,15 @@ STAGES = {
     1: (dict(seq_len=1024, lr=1e-3, min_lr=1e-5, max_steps=150), Mix(repeats=2)),
     2: (dict(seq_len=1024, lr=2e-3, min_lr=2e-5), Mix(repeats=6, phases=(Phase(1, 64, 400),))),
     # packing "reset" instead of the preset's "no-reset": see the module doc. Stage 3 climbs the same
-    # ladder on images; stage 4 trains on 2-256 frames, then ends on 2-64 at a lower learning rate (v3,
-    # which ended on 2-256 at 5e-4, lost 3 points of 16-frame reading in stage 4)
+    # ladder on images, then on to 128 and 256 frames, long on 16-256 (a prototype reading word lists
+    # climbed at 128-256 only over thousands of steps, RESULTS.md 9b); stage 4 trains on 2-256 frames
+    # at a lower learning rate (v5 ended stage 3 at 64 frames and lost 13 points at 64 in stage 4's
+    # 256-frame sequences, which it could not read)
     3: (dict(seq_len=2048, lr=1e-3, min_lr=1e-5, packing="reset"),
-        Mix(phases=(Phase(1, 16, 250), Phase(1, 32, 200), Phase(2, 64, 700)), find_share=0.1, video_share=0.2,
-            single_share=0.1)),
+        Mix(phases=(Phase(1, 16, 250), Phase(1, 32, 200), Phase(2, 64, 700), Phase(8, 128, 1200),
+                    Phase(16, 256, 2800)), find_share=0.1, video_share=0.2, single_share=0.1)),
     4: (dict(seq_len=2048, lr=3e-4, min_lr=3e-6, packing="reset"),
-        Mix(phases=(Phase(2, 256, 120), Phase(2, 64, 120)), find_share=0.1, video_share=0.2, single_share=0.1)),
+        Mix(phases=(Phase(2, 256, 240),), find_share=0.1, video_share=0.2, single_share=0.1)),
 }
 MARK_START, MARK_END = "<!-- digits-table:start -->", "<!-- digits-table:end -->"
 PLOT_NAME, LOSS_NAME = "train_digits_accuracy.png", "train_digits_loss.png"

@@ -37,6 +37,19 @@ def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
+# ------------------------------------------------------------------ checkpoints
+def two_shard_checkpoint(path, max_positions: int):
+    """A tiny random checkpoint (56-px tiles, 1 layer, hidden 32, the real vocabulary) written in bf16 as
+    two safetensors shards plus the index, with ``max_positions`` positions; returns ``path``."""
+    from vita_ext.model.checkpoint import write_random_checkpoint
+    from vita_ext.model.presets import tiny
+
+    cfg = tiny(image_size=56, layers=1, hidden=32)
+    cfg.text.max_position_embeddings = max_positions
+    write_random_checkpoint(path, cfg, dtype=torch.bfloat16, seed=0, max_shard_bytes=6 * 2**20)
+    return path
+
+
 # ------------------------------------------------------------------ multi-process (gloo) tests
 def free_port() -> int:
     import socket

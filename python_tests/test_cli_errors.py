@@ -11,18 +11,14 @@ import zlib
 import pytest
 import torch
 
+from _utils import two_shard_checkpoint
 from vita_ext.cli import main
-from vita_ext.model.checkpoint import write_random_checkpoint
-from vita_ext.model.presets import tiny
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny checkpoint of two shards (56-px tiles) with only 96 positions, so context limits are cheap."""
-    cfg = tiny(image_size=56, layers=1, hidden=32)
-    cfg.text.max_position_embeddings = 96
-    path = tmp_path_factory.mktemp("ckpt") / "m"
-    write_random_checkpoint(path, cfg, dtype=torch.bfloat16, seed=0, max_shard_bytes=6 * 2**20)
+    path = two_shard_checkpoint(tmp_path_factory.mktemp("ckpt") / "m", max_positions=96)
     assert os.path.exists(path / "model.safetensors.index.json")
     return path
 

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _utils import two_shard_checkpoint
 from PIL import Image
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -253,14 +254,7 @@ def test_fuzz_training_data(worker, tmp_path_factory, lines, image):
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
-    from vita_ext.model.checkpoint import write_random_checkpoint
-    from vita_ext.model.presets import tiny
-
-    cfg = tiny(image_size=56, layers=1, hidden=32)
-    cfg.text.max_position_embeddings = 4096
-    path = tmp_path_factory.mktemp("base") / "m"
-    write_random_checkpoint(path, cfg, dtype=torch.bfloat16, seed=0, max_shard_bytes=6 * 2**20)
-    return path
+    return two_shard_checkpoint(tmp_path_factory.mktemp("base") / "m", max_positions=4096)
 
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer_config.json",

@@ -331,6 +331,8 @@ def parse_args():
     p.add_argument("--paper-packing", action="store_true", help="stages 3-4 with the preset's no-reset packing")
     p.add_argument("--ship", action="store_true", help="copy the stage-4 model (bf16) to vita_ext/assets/digits_model")
     p.add_argument("--results", default=None, help="markdown file to write the table into (between markers)")
+    p.add_argument("--commit", default=None,
+                   help="the commit to record (default: git's HEAD here; for a run from a `git archive` export)")
     p.add_argument("--evaluate", default=None, metavar="MODEL", help=argparse.SUPPRESS)  # the eval worker
     p.add_argument("--evaluate-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -386,7 +388,7 @@ def main() -> int:
     order = ["init (random)"] + [f"stage {s}" for s in sorted(STAGES)] + ["shipped (bf16)"]
     results = {k: results[k] for k in order if k in results}
     extra.update(monitor.stop(), wall_seconds=time.perf_counter() - t_start, train_seconds=train_seconds,
-                 commit=commit())
+                 commit=args.commit or commit())
     with open(state_path, "w") as f:
         json.dump({"results": results, "times": times, "run": extra}, f, indent=2)
     text = table(results, times)

@@ -23,12 +23,12 @@ Stages (``stage_records``; ``Mix`` and ``Phase`` say how many records of each ki
   (b) Reading and searching long text, as a pretrained LLM can: the frame layout above with each
   digit's word in brackets for its image ("001[seven]002[three]...\\n" + the two questions), N
   growing over the stage (a curriculum: the model learns to read short lists first; the shipped
-  recipe stops at 16, see scripts/train_digits.py STAGES).
+  recipe stops at 64, see scripts/train_digits.py STAGES).
 - stage 1, captions:       "<image>\\nDescribe the image."           -> "a handwritten 7"
 - stage 2, single images:  "<image>\\nWhich digit is this?" (and rephrasings) -> "7", with captions and
   a share of stage 0's word sequences (the paper's stage 2 mixes text data too), so the LLM keeps them.
-- stages 3-4, frames: the two questions on N numbered held-in images, N growing over each stage
-  (stage 3 up to 64, stage 4 up to 256); a share in the video layout ("<video>Read the digits in
+- stages 3-4, frames: the two questions on N numbered held-in images, N growing over stage 3
+  up to 256, stage 4 on 2-256 (scripts/train_digits.py STAGES); a share in the video layout ("<video>Read the digits in
   order." with a folder of frames, as the CLI builds it). Stage-2 questions are mixed in at the
   paper's ratio of 0.1, which we read as 10% of the supervised tokens (the loss is a per-supervised-
   token average; 10% of the records would be ~1% of the signal next to 258-token answers); 30% of

@@ -81,6 +81,35 @@ def test_stage_records_are_valid_release_jsonl(split, tmp_path):
         assert r["messages"][1]["content"] in (str(d), f"a handwritten {d}")
 
 
+def test_max_label_numbers_image_sequences_from_a_random_start(split, tmp_path):
+    """Mix.max_label: image sequences are numbered from a random start s (s + N - 1 <= max_label), the
+    "which frame" answer is the frame's number as written, and videos keep the processor's 001 start."""
+    import re
+
+    train, _ = split
+    sub = digits.Split(train.images[:40], train.labels[:40], train.ids[:40])
+    paths = digits.write_images(sub, str(tmp_path / "images"), "train")
+    assert digits.frames_prompt(2, start=99) == "099<image>100<image>\n"
+    mix = digits.Mix(phases=(digits.Phase(2, 8, 4),), find_share=0.5, video_share=0.3, single_share=0.1, max_label=40)
+    records = digits.stage_records(3, paths, sub.labels, mix, seq_len=512, root=str(tmp_path))
+    starts, finds = set(), 0
+    for r in records:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        if r.get("videos") or len(r["images"]) < 2:
+            continue
+        numbers = [int(x) for x in re.findall(r"(\d{3})<image>", user)]
+        assert numbers == list(range(numbers[0], numbers[0] + len(r["images"]))) and numbers[-1] <= 40
+        starts.add(numbers[0])
+        if "Which frame" in user:
+            finds += 1
+            digit = int(re.search(r"shows a (\d)", user).group(1))
+            shown = [sub.labels[paths.index(p)] for p in r["images"]]
+            assert numbers[shown.index(digit)] == int(answer)
+    assert len(starts) > 5 and finds > 0
+    plain = digits.stage_records(3, paths, sub.labels, digits.Mix(phases=(digits.Phase(2, 8, 4),)), seq_len=512)
+    assert all("001<image>" in r["messages"][0]["content"] for r in plain if len(r["images"]) > 1)
+
+
 def test_digits_video(split, tmp_path):
     """scripts/make_digits_video.py: held-out digits, one per second, decode to the right frame count
     and (with the digits model's processor config) to numbered frames."""

@@ -159,9 +159,10 @@ def _record(user: str, answer: str, images: list[str], videos: list[str] | None 
     return record
 
 
-def frames_prompt(n: int) -> str:
-    """The frames of an N-image question: each <image> after its number (FRAME_LABEL), then a newline."""
-    return "".join(f"{FRAME_LABEL.format(k + 1)}<image>" for k in range(n)) + "\n"
+def frames_prompt(n: int, start: int = 1) -> str:
+    """The frames of an N-image question: each <image> after its number (FRAME_LABEL; the first is
+    ``start``, 1 as in every evaluation and video), then a newline."""
+    return "".join(f"{FRAME_LABEL.format(start + k)}<image>" for k in range(n)) + "\n"
 
 
 def words_prompt(digits: list[int]) -> str:
@@ -247,13 +248,18 @@ class Mix:
     1: captions; 2: questions, plus captions of 20% of them). phases: sequence records in curriculum
     order (stage 0: words; 2: words, retention; 3-4: images). find_share: share of "which frame"
     records among sequences; video_share: share in the video layout (stages 3-4); single_share:
-    share of supervised tokens from single-image questions (stages 3-4, the paper's 0.1).
+    share of supervised tokens from single-image questions (stages 3-4, the paper's 0.1); max_label:
+    0 numbers every sequence from 001, M > 0 numbers image sequences (not videos, which the processor
+    numbers from 001) from a random start s with s + N - 1 <= M, so that frame numbers up to M occur in
+    short sequences too (a model that learned to read 64 frames numbered 001-064 could not read 64
+    frames numbered 101-164; benchmarks/RESULTS.md 9b).
     The single records (words, captions, questions) of stages 0-2 are spread evenly over the phases."""
     repeats: int = 0
     phases: tuple[Phase, ...] = ()
     find_share: float = 0.5
     video_share: float = 0.0
     single_share: float = 0.0
+    max_label: int = 0
 
     @property
     def steps(self) -> int:
@@ -329,6 +335,7 @@ class _Sequences:
     def draw(self, phase: Phase) -> dict:
         rng, n = self.rng, self.rng.randint(phase.n_min, phase.n_max)
         find = rng.random() < self.mix.find_share
+        start = rng.randint(1, self.mix.max_label - n + 1) if self.mix.max_label > n else 1
         if self.stage in (0, 2):
             if find:
                 digit = rng.randrange(10)
@@ -339,18 +346,20 @@ class _Sequences:
             return words_read_record([rng.randrange(10) for _ in range(n)])
         if find:
             frames, digit, k = find_sequence(self.labels, n, rng)
-            question, answer = FIND_QUESTION.format(digit=digit), str(k)
+            question, answer = FIND_QUESTION.format(digit=digit), str(k)  # as numbered in a video: from 1
         else:
             frames = read_sequence(self.labels, n, rng)
             question, answer = READ_QUESTION, "".join(str(self.labels[i]) for i in frames)
-        if self.root is not None and rng.random() < self.mix.video_share:
+        if self.root is not None and rng.random() < self.mix.video_share:  # the processor numbers from 1
             rel = os.path.join("videos", f"stage{self.stage}_{self.videos:06d}")
             self.videos += 1
             write_video_folder(os.path.join(self.root, rel), [os.path.join(self.root, self.paths[i]) for i in frames])
             self.counter.frames_of_video[rel] = n
             return video_record(rel, question, answer)
         images = [self.paths[i] for i in frames]
-        return _record(frames_prompt(n) + question, answer, images)
+        if find:
+            answer = str(start + k - 1)
+        return _record(frames_prompt(n, start) + question, answer, images)
 
 
 def stage_records(stage: int, paths: list[str], labels: np.ndarray, mix: Mix, seed: int = 0, seq_len: int = 1024,

@@ -21,7 +21,15 @@ err = os.open(os.path.join(sys.argv[1], f"rank{rank}.err"), os.O_WRONLY | os.O_C
 os.dup2(err, 2)
 spec = json.load(open(os.path.join(sys.argv[1], "spec.json")))
 fault = spec.get("fault") if rank == spec.get("fault_rank") else None
-if fault:
+if fault == "slow_report":  # this rank prints a failure 2 s late (a busy machine)
+    import time
+    import vita_ext.parallel as parallel
+    report = parallel.exit_on_failure
+    def slow(*args, **kwargs):
+        time.sleep(2)
+        report(*args, **kwargs)
+    parallel.exit_on_failure = slow
+elif fault:
     import vita_ext.parallel.attention as attention
     original = attention.ShardedDecodeAttention.__call__
     calls = []
@@ -90,6 +98,17 @@ def test_bad_input_on_one_rank(files, tmp_path):
     _same_line_on_every_rank(errs, "rank 1: cannot read image", "broken.png")
     assert "Traceback" not in errs[0] + errs[1]
     assert seconds < 120  # start-up of two torch processes; a hang would take the 600 s timeout
+
+
+def test_every_rank_prints_before_the_failing_one_exits(files, tmp_path):
+    """torchrun stops the other ranks as soon as one exits with an error: the rank whose failure won
+    must wait until every rank has printed the line, not just heard of it (a slow rank 0 lost its
+    line under load before)."""
+    res, errs, seconds = _torchrun(files, tmp_path, [_generate(files, files / "digit.png"),
+                                                     _generate(files, files / "broken.png")],
+                                   fault="slow_report", fault_rank=0)
+    assert res.returncode != 0
+    _same_line_on_every_rank(errs, "rank 1: cannot read image", "broken.png")
 
 
 def test_mismatched_prompt_is_one_line(files, tmp_path):

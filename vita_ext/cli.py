@@ -130,14 +130,15 @@ def _together(run) -> int:
     publishes it, the others hear it even while blocked in a collective (parallel.failure)."""
     from vita_ext.parallel import FailureWatch, exit_on_failure, shutdown_distributed
 
-    with FailureWatch(exit_on_failure) as watch:
+    watch = FailureWatch(lambda failure: exit_on_failure(failure, watch.acknowledge))
+    with watch:
         try:
             code = run()
         except Exception as exc:  # noqa: BLE001 - reported on every rank, then this process ends
             failure = watch.publish(exc)
             if failure.rank == watch.rank and not isinstance(exc, USER_ERRORS + (RankFailure,)):
                 traceback.print_exc()  # a bug: its traceback, on the rank where it happened
-            exit_on_failure(failure)
+            exit_on_failure(failure, watch.acknowledge if failure.rank != watch.rank else None)
     shutdown_distributed()
     return code
 

@@ -12,7 +12,10 @@ Two pieces, for the two phases of a run:
   the process group's key-value store (the TCPStore torchrun set up) and waits a moment for the
   others to acknowledge; every rank runs a daemon thread that polls the store and hands a published
   failure to ``on_failure`` (the CLI prints the line and exits), even while its main thread is
-  blocked in a collective. The first failure published wins, so all ranks report the same one.
+  blocked in a collective. The first failure published wins, so all ranks report the same one. A rank
+  acknowledges only after it has printed the reason: the winner exits once every rank has, and
+  torchrun, which stops the other ranks when one exits with an error, can no longer cut a rank off
+  before its line is out.
 
 A rank killed outright (SIGKILL, a segfault) cannot publish; its peers then fail in their next
 collective (gloo reports the closed connection at once) and ``torchrun`` stops the rest.
@@ -117,7 +120,9 @@ class FailureWatch:
     """Publish a failure to every rank and hear of theirs (see the module docstring).
 
     on_failure(failure): called once, from the watch thread, when ANOTHER rank published a failure;
-        it should stop the process (the CLI prints ``failure.reason`` and exits with its exit_code).
+        it should report it, call ``acknowledge()``, and stop the process (the CLI's
+        ``exit_on_failure(failure, watch.acknowledge)`` prints ``failure.reason``, acknowledges and exits
+        with its exit_code); if it returns, the watch acknowledges.
     poll_s: how often the store is polled; grace_s: how long ``publish`` waits for the other ranks to
     acknowledge (they have printed the reason by then). The watch is inert without a process group.
     """
@@ -131,6 +136,7 @@ class FailureWatch:
         self._stop = threading.Event()
         self._handled = threading.Lock()  # taken by whoever reports: the watch thread or publish()
         self._reported = threading.Event()
+        self._acked = False
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> FailureWatch:
@@ -159,20 +165,28 @@ class FailureWatch:
                 return  # the main thread is reporting (its own failure, or it heard first)
             self.failure = failure
             try:
-                self.store.add(self.key + "/ack", 1)
-            except Exception:  # noqa: BLE001
-                pass
-            try:
                 self.on_failure(failure)
+                self.acknowledge()
             finally:
                 self._reported.set()
             return
 
+    def acknowledge(self) -> None:
+        """Tell the rank whose failure won that this rank has reported it (once; call it after printing
+        the reason: the winner exits when every other rank has acknowledged, or after ``grace_s``)."""
+        if self._acked or self.store is None or self.world == 1:
+            return
+        self._acked = True
+        try:
+            self.store.add(self.key + "/ack", 1)
+        except Exception:  # noqa: BLE001 - the store is gone: so is the rank that waited for this
+            pass
+
     def publish(self, exc: BaseException) -> RankFailure:
         """Report ``exc`` (raised on this rank) to every rank and return the failure every rank reports:
-        this one, or another rank's that was published first (then this rank only acknowledges it).
-        The rank whose failure wins waits up to ``grace_s`` for the others to acknowledge. Without a
-        store (or alone) it only builds the RankFailure."""
+        this one, or another rank's that was published first (then the caller reports it and calls
+        ``acknowledge()``). The rank whose failure wins waits up to ``grace_s`` for the others to
+        acknowledge. Without a store (or alone) it only builds the RankFailure."""
         failure = failure_from(exc, self.rank)
         if self.store is None or self.world == 1:
             return failure
@@ -181,9 +195,7 @@ class FailureWatch:
             return self.failure or failure
         try:
             failure = RankFailure.decode(self.store.compare_set(self.key, "", failure.encode()))
-            if failure.rank != self.rank:
-                self.store.add(self.key + "/ack", 1)
-            else:
+            if failure.rank == self.rank:
                 deadline = time.monotonic() + self.grace_s
                 while time.monotonic() < deadline and self.store.add(self.key + "/ack", 0) < self.world - 1:
                     time.sleep(self.poll_s / 2)
@@ -194,11 +206,14 @@ class FailureWatch:
         return failure
 
 
-def exit_on_failure(failure: RankFailure) -> None:
-    """``on_failure`` for command-line tools: print the reason as one line and end the process now
-    (the main thread may be blocked in a collective, so nothing can unwind it)."""
+def exit_on_failure(failure: RankFailure, acknowledge: Callable[[], None] | None = None) -> None:
+    """``on_failure`` for command-line tools: print the reason as one line, then ``acknowledge()``
+    (``FailureWatch.acknowledge``: the line is out), and end the process now (the main thread may be
+    blocked in a collective, so nothing can unwind it)."""
     print(f"vita-ext: error: {failure.reason}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    if acknowledge is not None:
+        acknowledge()
     os._exit(failure.exit_code)
 
 

@@ -17,7 +17,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from _utils import two_shard_checkpoint
 from PIL import Image
 

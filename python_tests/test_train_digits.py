@@ -108,6 +108,20 @@ def test_max_label_numbers_image_sequences_from_a_random_start(split, tmp_path):
     assert len(starts) > 5 and finds > 0
     plain = digits.stage_records(3, paths, sub.labels, digits.Mix(phases=(digits.Phase(2, 8, 4),)), seq_len=512)
     assert all("001<image>" in r["messages"][0]["content"] for r in plain if len(r["images"]) > 1)
+    # stage 0's word lists: the same numbering, and the answer is the number written before the word
+    words = digits.stage_records(0, paths, sub.labels, digits.Mix(phases=(digits.Phase(2, 8, 2),), max_label=40),
+                                 seq_len=512)
+    starts = set()
+    for r in words:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        numbered = re.findall(r"(\d{3})\[(\w+)\]", user)
+        numbers = [int(x) for x, _ in numbered]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and numbers[-1] <= 40
+        starts.add(numbers[0])
+        if "Which frame" in user:
+            word = digits.WORDS[int(re.search(r"shows a (\d)", user).group(1))]
+            assert [n for n, w in zip(numbers, (w for _, w in numbered)) if w == word] == [int(answer)]
+    assert len(starts) > 5
 
 
 def test_digits_video(split, tmp_path):

@@ -27,9 +27,9 @@ Stages (``stage_records``; ``Mix`` and ``Phase`` say how many records of each ki
 - stage 1, captions:       "<image>\\nDescribe the image."           -> "a handwritten 7"
 - stage 2, single images:  "<image>\\nWhich digit is this?" (and rephrasings) -> "7", with captions and
   a share of stage 0's word sequences (the paper's stage 2 mixes text data too), so the LLM keeps them.
-- stages 3-4, frames: the two questions on N numbered held-in images, N growing over stage 3
-  up to 256, stage 4 on 2-256 (scripts/train_digits.py STAGES); a share in the video layout ("<video>Read the digits in
-  order." with a folder of frames, as the CLI builds it). Stage-2 questions are mixed in at the
+- stages 3-4, frames: the two questions on N numbered held-in images, N growing over stage 3 up to
+  256, stage 4 on 2-256 (scripts/train_digits.py STAGES); a share in the video layout ("<video>Read the
+  digits in order." with a folder of frames, as the CLI builds it). Stage-2 questions are mixed in at the
   paper's ratio of 0.1, which we read as 10% of the supervised tokens (the loss is a per-supervised-
   token average; 10% of the records would be ~1% of the signal next to 258-token answers); 30% of
   those records are captions, so "Describe the image." keeps naming the digit.
@@ -165,9 +165,9 @@ def frames_prompt(n: int, start: int = 1) -> str:
     return "".join(f"{FRAME_LABEL.format(start + k)}<image>" for k in range(n)) + "\n"
 
 
-def words_prompt(digits: list[int]) -> str:
+def words_prompt(digits: list[int], start: int = 1) -> str:
     """Stage 0's stand-in for frames_prompt: each digit's word in brackets where its image would be."""
-    return "".join(f"{FRAME_LABEL.format(k + 1)}[{WORDS[d]}]" for k, d in enumerate(digits)) + "\n"
+    return "".join(f"{FRAME_LABEL.format(start + k)}[{WORDS[d]}]" for k, d in enumerate(digits)) + "\n"
 
 
 def text_record(digit: int, rng: random.Random) -> dict:
@@ -209,12 +209,13 @@ def find_record(paths: list[str], frames: list[int], digit: int, k: int) -> dict
     return _record(frames_prompt(len(frames)) + FIND_QUESTION.format(digit=digit), str(k), [paths[i] for i in frames])
 
 
-def words_read_record(digits: list[int]) -> dict:
-    return _record(words_prompt(digits) + READ_QUESTION, "".join(map(str, digits)), [])
+def words_read_record(digits: list[int], start: int = 1) -> dict:
+    return _record(words_prompt(digits, start) + READ_QUESTION, "".join(map(str, digits)), [])
 
 
-def words_find_record(digits: list[int], digit: int, k: int) -> dict:
-    return _record(words_prompt(digits) + FIND_QUESTION.format(digit=digit), str(k), [])
+def words_find_record(digits: list[int], digit: int, k: int, start: int = 1) -> dict:
+    """k: the 1-based position of the word; the answer is its number as written (start + k - 1)."""
+    return _record(words_prompt(digits, start) + FIND_QUESTION.format(digit=digit), str(start + k - 1), [])
 
 
 def video_record(video: str, question: str, answer: str) -> dict:
@@ -249,8 +250,8 @@ class Mix:
     order (stage 0: words; 2: words, retention; 3-4: images). find_share: share of "which frame"
     records among sequences; video_share: share in the video layout (stages 3-4); single_share:
     share of supervised tokens from single-image questions (stages 3-4, the paper's 0.1); max_label:
-    0 numbers every sequence from 001, M > 0 numbers image sequences (not videos, which the processor
-    numbers from 001) from a random start s with s + N - 1 <= M, so that frame numbers up to M occur in
+    0 numbers every sequence from 001, M > 0 numbers word and image sequences (not videos, which the
+    processor numbers from 001) from a random start s with s + N - 1 <= M, so that frame numbers up to M occur in
     short sequences too (a model that learned to read 64 frames numbered 001-064 could not read 64
     frames numbered 101-164; benchmarks/RESULTS.md 9b).
     The single records (words, captions, questions) of stages 0-2 are spread evenly over the phases."""
@@ -342,24 +343,26 @@ class _Sequences:
                 digits = [rng.choice([x for x in range(10) if x != digit]) for _ in range(n)]
                 k = rng.randrange(n)
                 digits[k] = digit
-                return words_find_record(digits, digit, k + 1)
-            return words_read_record([rng.randrange(10) for _ in range(n)])
+                return words_find_record(digits, digit, k + 1, start)
+            return words_read_record([rng.randrange(10) for _ in range(n)], start)
         if find:
             frames, digit, k = find_sequence(self.labels, n, rng)
-            question, answer = FIND_QUESTION.format(digit=digit), str(k)  # as numbered in a video: from 1
+            question = FIND_QUESTION.format(digit=digit)
         else:
             frames = read_sequence(self.labels, n, rng)
             question, answer = READ_QUESTION, "".join(str(self.labels[i]) for i in frames)
-        if self.root is not None and rng.random() < self.mix.video_share:  # the processor numbers from 1
+        video = self.root is not None and rng.random() < self.mix.video_share
+        if video:
+            start = 1  # the processor numbers a video's frames from 001
+        if find:
+            answer = str(start + k - 1)  # the frame's number as written
+        if video:
             rel = os.path.join("videos", f"stage{self.stage}_{self.videos:06d}")
             self.videos += 1
             write_video_folder(os.path.join(self.root, rel), [os.path.join(self.root, self.paths[i]) for i in frames])
             self.counter.frames_of_video[rel] = n
             return video_record(rel, question, answer)
-        images = [self.paths[i] for i in frames]
-        if find:
-            answer = str(start + k - 1)
-        return _record(frames_prompt(n, start) + question, answer, images)
+        return _record(frames_prompt(n, start) + question, answer, [self.paths[i] for i in frames])
 
 
 def stage_records(stage: int, paths: list[str], labels: np.ndarray, mix: Mix, seed: int = 0, seq_len: int = 1024,

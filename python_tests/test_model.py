@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from vita_ext.model.checkpoint import INDEX_FILE, parameter_shapes, write_random_checkpoint
+from vita_ext.model.checkpoint import INDEX_FILE, write_random_checkpoint
 from vita_ext.model.config import LongVITAConfig
-from vita_ext.model.long_vita import LongVITAForCausalLM
+from vita_ext.model.long_vita import LongVITAForCausalLM, parameter_shapes
 from vita_ext.model.presets import long_vita_14b, tiny
 
 SHARED_14B = {  # the real release config's fields (shared/reference/long_vita_14b_config.json)

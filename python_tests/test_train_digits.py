@@ -149,7 +149,7 @@ def test_digits_video(split, tmp_path):
 def test_digits_config_is_small_with_the_real_vocabulary():
     cfg = digits.digits_config()
     assert cfg.text.vocab_size == 152064 and cfg.text.tie_word_embeddings and cfg.num_image_tokens == 1
-    from vita_ext.model.checkpoint import parameter_shapes
+    from vita_ext.model.long_vita import parameter_shapes
 
     n = sum(int(np.prod(s)) for s in parameter_shapes(cfg).values())
     assert 9e6 < n < 12e6 and n * 2 < 50 * 2**20  # ~20 MB in bf16 (the asset limit: 50 MB)

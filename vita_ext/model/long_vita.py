@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vita_ext.generation import generate
 from vita_ext.model.config import LongVITAConfig
 from vita_ext.model.language import AttentionBackend, DecoderLayer, KVCache, LocalAttention, RMSNorm, RotaryEmbedding
+from vita_ext.model.shards import checkpoint_files, describe_names, random_tensor, read_tensors
 from vita_ext.model.vision import InternVisionModel, VisionProjection
 from vita_ext.ops import masked_linear_cross_entropy, masked_lm_head
 
@@ -67,16 +69,37 @@ class LongVITAForCausalLM(nn.Module):
         Raises FileNotFoundError (missing config/shard) and ValueError (missing/unexpected keys,
         shape mismatches), each listing what is wrong.
         """
-        from vita_ext.model.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, dtype=dtype, device=device)
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        config = LongVITAConfig.from_pretrained(path)
+        files = checkpoint_files(path)
+        expected = parameter_shapes(config)
+        missing, unexpected = sorted(set(expected) - set(files)), sorted(set(files) - set(expected))
+        if missing or unexpected:
+            parts = ([f"missing keys: {describe_names(missing)}"] if missing else []) + \
+                    ([f"unexpected keys: {describe_names(unexpected)}"] if unexpected else [])
+            raise ValueError(f"checkpoint {path!r} does not match its config.json: " + "; ".join(parts))
+        with torch.device("meta"):
+            model = cls(config)
+        device = torch.device(device)
+        bad = []
+        for name, tensor in read_tensors(files, list(expected), str(device), dtype):
+            if tuple(tensor.shape) != expected[name]:
+                bad.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {expected[name]}")
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
+        if bad:
+            raise ValueError(f"checkpoint {path!r}: shape mismatch for {len(bad)} tensor(s): " + "; ".join(bad[:12]))
+        model.reset_buffers(device)
+        return model.eval()
 
     @classmethod
     def random(cls, config: LongVITAConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> LongVITAForCausalLM:
         """A model with seeded random weights (the same values ``write_random_checkpoint`` writes)."""
-        from vita_ext.model.checkpoint import random_tensor
-
         with torch.device("meta"):
             model = cls(config)
         state = {name: random_tensor(name, tuple(p.shape), seed).to(device=device, dtype=dtype)
@@ -224,10 +247,19 @@ class LongVITAForCausalLM(nn.Module):
                  **kwargs) -> Tensor:
         """Generate continuations; see ``vita_ext.generation.generate`` for the arguments. Returns
         the new token ids [1, N] (without the prompt)."""
-        from vita_ext.generation import generate
-
         return generate(self, input_ids, pixel_values=pixel_values, context_positions=context_positions,
                         **kwargs).sequences
+
+
+def parameter_shapes(config: LongVITAConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the release layout with its shape, from the config alone (meta device;
+    a tied lm_head.weight is not stored)."""
+    with torch.device("meta"):
+        model = LongVITAForCausalLM(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    if config.text.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
 
 
 def _progress(iterable, enabled: bool, desc: str, step: int, total: int):

@@ -280,10 +280,10 @@ def load_checkpoint_state(path: str, model, optimizer, scheduler) -> dict[str, A
     """Restore model weights, optimizer, scheduler and RNG states from a complete checkpoint; returns
     the trainer state dict (with ``manifest``). Raises ValueError for an incomplete checkpoint or a
     file that holds anything but tensors and plain values (nothing is unpickled: see the module)."""
-    from vita_ext.model.checkpoint import load_checkpoint
+    from vita_ext.model.long_vita import LongVITAForCausalLM
 
     manifest = validate(path)
-    loaded = load_checkpoint(path, dtype=model.dtype, device=model.device)
+    loaded = LongVITAForCausalLM.from_pretrained(path, dtype=model.dtype, device=model.device)
     optimizer_state = _load_plain(os.path.join(path, OPTIMIZER_PT), "optimizer state", map_location=model.device)
     scheduler_state = _load_plain(os.path.join(path, SCHEDULER_PT), "scheduler state")
     state = _load_plain(os.path.join(path, STATE_PT), "trainer state")

@@ -55,11 +55,11 @@ def _truncate_to_half(path: str, start: int) -> None:
 
 
 def _install(steps: _Steps) -> None:
-    import vita_ext.model.checkpoint as model_ckpt
+    import vita_ext.model.shards as model_shards  # where safetensors shards are written
 
     real_open, real_rename, real_replace = builtins.open, os.rename, os.replace
     real_rmtree, real_mkdtemp, real_save = shutil.rmtree, tempfile.mkdtemp, torch.save
-    real_save_file = model_ckpt.save_file
+    real_save_file = model_shards.save_file
 
     def file_step(name, path, write):
         start = os.path.getsize(path) if name == "append" and os.path.exists(path) else 0
@@ -135,7 +135,7 @@ def _install(steps: _Steps) -> None:
 
     builtins.open = open_
     os.rename, os.replace, shutil.rmtree, tempfile.mkdtemp, torch.save = rename, replace, rmtree, mkdtemp, save
-    model_ckpt.save_file = save_file
+    model_shards.save_file = save_file
 
 
 def start(fn, out_dir: str, kill_at: int | None = None, torn: bool = False) -> tuple[int, str]:

@@ -74,14 +74,14 @@ class LongVITAForCausalLM(nn.Module):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
         config = LongVITAConfig.from_pretrained(path)
         files = checkpoint_files(path)
-        expected = parameter_shapes(config)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = _stored_shapes(model)
         missing, unexpected = sorted(set(expected) - set(files)), sorted(set(files) - set(expected))
         if missing or unexpected:
             parts = ([f"missing keys: {describe_names(missing)}"] if missing else []) + \
                     ([f"unexpected keys: {describe_names(unexpected)}"] if unexpected else [])
             raise ValueError(f"checkpoint {path!r} does not match its config.json: " + "; ".join(parts))
-        with torch.device("meta"):
-            model = cls(config)
         device = torch.device(device)
         bad = []
         for name, tensor in read_tensors(files, list(expected), str(device), dtype):
@@ -255,9 +255,12 @@ def parameter_shapes(config: LongVITAConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the release layout with its shape, from the config alone (meta device;
     a tied lm_head.weight is not stored)."""
     with torch.device("meta"):
-        model = LongVITAForCausalLM(config)
+        return _stored_shapes(LongVITAForCausalLM(config))
+
+
+def _stored_shapes(model: LongVITAForCausalLM) -> dict[str, tuple[int, ...]]:
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    if config.text.tie_word_embeddings:
+    if model.config.text.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
 

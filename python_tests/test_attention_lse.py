@@ -201,6 +201,21 @@ def test_backward_schedules(threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("limit", [0, 1 << 30], ids=["native", "upcast"])
+def test_flash_cpu_backward_precisions(monkeypatch, dtype, limit):
+    # The CPU flash backward runs a reduced-precision block in fp32 when keys x head_dim <= the limit
+    # (speed, flash_attention.UPCAST_BACKWARD_MAX), natively otherwise: both held to the 2x rule, on
+    # varlen blocks of odd sizes, a Sk > Sq block pair and GQA.
+    from vita_ext.ops import flash_attention as fa
+
+    monkeypatch.setattr(fa, "UPCAST_BACKWARD_MAX", limit)
+    cu = torch.tensor([0, 30, 31, 150])
+    _check_backward(*_qkv((1, 150, 150, 4, 2, 32), "cpu"), dtype, True, cu=cu, backend="flash", lse_grad=False)
+    _check_backward(*_qkv((2, 40, 97, 4, 1, 32), "cpu"), dtype, True, backend="flash", lse_grad=False)
+    _check_backward(*_qkv((1, 65, 65, 2, 2, 64), "cpu"), dtype, False, backend="flash", lse_grad=False)
+
+
 def test_backward_rows_without_keys_are_zero(device, backend):
     q, k, v = _qkv((1, 9, 4, 2, 1, 16), device, torch.bfloat16 if backend == "flash" else torch.float32)
     q.requires_grad_()

@@ -103,20 +103,36 @@ def _decode_folded(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tenso
     return out.reshape(b, 1, hq, d).contiguous(), lse.reshape(b, hq, 1).contiguous()
 
 
+# PyTorch's CPU flash backward in bf16/fp16 costs as much for a short block as for one of a few hundred
+# keys (measured: 4 heads x 32 dims, 30 keys: 0.70 ms in bf16, 0.13 ms in fp32 with the casts); in fp32 it
+# is faster up to about keys x head_dim = 16K on the AVX-512/AMX CPU measured (d 32: up to 512 keys; d
+# 128: up to 128), slower beyond (benchmarks/RESULTS.md 3b). Below that size the block's backward runs in
+# fp32 from the reduced-precision inputs: more accurate too (no bf16 rounding of P and dS).
+UPCAST_BACKWARD_MAX = 16384
+
+
+def _block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, top_left: bool,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One plain top-left call's backward on [B, H, S, D] views; fp32 grads when it ran upcast."""
+    if q.dtype in (torch.bfloat16, torch.float16) and k.shape[2] * q.shape[3] <= UPCAST_BACKWARD_MAX:
+        dout, q, k, v, out = (t.float() for t in (dout, q, k, v, out))
+    return _cpu_bwd(dout, q, k, v, out, lse, 0.0, top_left, scale=scale)
+
+
 def flash_cpu_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                        scale: float, cu: list[int] | None) -> tuple[Tensor, Tensor, Tensor]:
     blocks = cpu_blocks(q.shape[1], k.shape[1], causal, cu)
     out = out.to(q.dtype)  # a ring keeps out in fp32; the kernel wants q's dtype
     if len(blocks) == 1 and blocks[0][:2] == (0, q.shape[1]) and blocks[0][2:4] == (0, k.shape[1]):
         sq, sk = q.shape[1], k.shape[1]
-        grads = _cpu_bwd(_bhsd(dout, 0, sq), _bhsd(q, 0, sq), _bhsd(k, 0, sk), _bhsd(v, 0, sk), _bhsd(out, 0, sq),
-                         lse, 0.0, blocks[0][4], scale=scale)
-        return tuple(g.transpose(1, 2) for g in grads)  # type: ignore[return-value]
+        grads = _block_backward(_bhsd(dout, 0, sq), _bhsd(q, 0, sq), _bhsd(k, 0, sk), _bhsd(v, 0, sk),
+                                _bhsd(out, 0, sq), lse, blocks[0][4], scale)
+        return tuple(g.transpose(1, 2).to(t.dtype) for g, t in zip(grads, (q, k, v)))  # type: ignore[return-value]
     acc = torch.float32 if q.dtype != torch.float64 else torch.float64
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     for r0, r1, c0, c1, top_left in blocks:
-        gq, gk, gv = _cpu_bwd(_bhsd(dout, r0, r1), _bhsd(q, r0, r1), _bhsd(k, c0, c1), _bhsd(v, c0, c1),
-                              _bhsd(out, r0, r1), lse[:, :, r0:r1].contiguous(), 0.0, top_left, scale=scale)
+        gq, gk, gv = _block_backward(_bhsd(dout, r0, r1), _bhsd(q, r0, r1), _bhsd(k, c0, c1), _bhsd(v, c0, c1),
+                                     _bhsd(out, r0, r1), lse[:, :, r0:r1].contiguous(), top_left, scale)
         dq[:, r0:r1] += gq.transpose(1, 2)
         dk[:, c0:c1] += gk.transpose(1, 2)
         dv[:, c0:c1] += gv.transpose(1, 2)

@@ -105,10 +105,12 @@ class Trainer:
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise ValueError(f"train: policy {cfg.trainable!r} leaves no trainable parameter")
+        # fused: one pass over each parameter per step instead of ~10 elementwise ops (the digits model's
+        # 152K-token tied embedding is 9.7M of its 10M parameters: 64 -> 18 ms a step on one CPU thread, profiled)
         self.optimizer = torch.optim.AdamW(
             [{"params": g["params"], "lr": cfg.lr * g["lr_scale"], "name": g["name"], "lr_scale": g["lr_scale"]}
              for g in groups], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay)
+            weight_decay=cfg.weight_decay, fused=self.device.type in ("cpu", "cuda"))
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else count_steps(self.dataset, cfg)
         min_ratio = cfg.min_lr / cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

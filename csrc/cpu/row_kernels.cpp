@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(VITA_EXT_NO_CLONES) && (!defined(__clang__) || __clang_major__ >= 14)
@@ -107,9 +108,17 @@ VITA_INLINE void max_sumexp_impl(const T* x, int64_t n, float& max_out, double& 
 template <typename T>
 VITA_INLINE void softmax_grad_impl(T* x, int64_t n, double lse, float g, int64_t col) {
   const float at_col = (col >= 0 && col < n) ? to_f(x[col]) : 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float z = static_cast<float>(static_cast<double>(to_f(x[j])) - lse);
-    x[j] = static_cast<T>(g * exp_poly(z));
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = static_cast<float>(static_cast<double>(to_f(x[j])) - lse);
+      x[j] = static_cast<T>(g * exp_poly(z));
+    }
+  } else {
+    // A bf16/fp16 tile: z in float from lse split into hi + lo floats (|z| error ~1e-7 relative, far
+    // below the tile's rounding), so the loop runs in float lanes (2x the double lanes).
+    const float lse_hi = static_cast<float>(lse);
+    const float lse_lo = static_cast<float>(lse - static_cast<double>(lse_hi));
+    for (int64_t j = 0; j < n; ++j) x[j] = static_cast<T>(g * exp_poly((to_f(x[j]) - lse_hi) - lse_lo));
   }
   if (col >= 0 && col < n) {
     const float z = static_cast<float>(static_cast<double>(at_col) - lse);

@@ -123,8 +123,16 @@ def stage_config(work: str, stage: int, model: str, steps: int | None, paper_pac
     return path
 
 
+# glibc's malloc maps each large block afresh and unmaps it on free, so every step pays the page faults
+# of its logits tiles and gradients again; served from a heap that is never trimmed, the stage-0 step
+# took 1.26x less time (three alternated pairs of runs, benchmarks/RESULTS.md 9b). A user's settings win.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def run_stage(config: str, threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key, value in MALLOC_ENV.items():
+        env.setdefault(key, value)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vita_ext", "train", "--config", config], check=True, env=env)
     return time.perf_counter() - t0

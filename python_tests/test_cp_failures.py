@@ -100,21 +100,31 @@ def test_bad_input_on_one_rank(files, tmp_path):
     assert seconds < 120  # start-up of two torch processes; a hang would take the 600 s timeout
 
 
-def test_every_rank_prints_before_the_failing_one_exits(files, tmp_path):
-    """torchrun stops the other ranks as soon as one exits with an error: the rank whose failure won
-    must wait until every rank has printed the line, not just heard of it (a slow rank 0 lost its
-    line under load before)."""
-    res, errs, seconds = _torchrun(files, tmp_path, [_generate(files, files / "digit.png"),
-                                                     _generate(files, files / "broken.png")],
-                                   fault="slow_report", fault_rank=0)
+def _mismatched(files):
+    other = _generate(files, files / "digit.png")
+    other[other.index("Which digit is this?")] = "Which digit is this one?"
+    return [_generate(files, files / "digit.png"), other]
+
+
+@pytest.mark.parametrize("case", ["rank 1 fails", "both fail"])
+def test_every_rank_prints_before_the_failing_one_exits(files, tmp_path, case):
+    """torchrun stops the other ranks as soon as one exits with an error, so no rank may exit before
+    every rank has printed the line: here rank 0 prints 2 s late. "rank 1 fails": rank 1's bad image
+    wins (a slow rank 0 lost its line under load before). "both fail": both ranks raise the agreed
+    prompt mismatch and rank 0's report wins; rank 1 used to exit right after its own line and cut
+    rank 0 off (a CI failure of test_mismatched_prompt_is_one_line)."""
+    if case == "rank 1 fails":
+        argv, needles = [_generate(files, files / "digit.png"), _generate(files, files / "broken.png")], \
+            ("rank 1: cannot read image", "broken.png")
+    else:
+        argv, needles = _mismatched(files), ("rank 0: context parallel: ranks disagree on prompt",)
+    res, errs, seconds = _torchrun(files, tmp_path, argv, fault="slow_report", fault_rank=0)
     assert res.returncode != 0
-    _same_line_on_every_rank(errs, "rank 1: cannot read image", "broken.png")
+    _same_line_on_every_rank(errs, *needles)
 
 
 def test_mismatched_prompt_is_one_line(files, tmp_path):
-    other = _generate(files, files / "digit.png")
-    other[other.index("Which digit is this?")] = "Which digit is this one?"
-    res, errs, seconds = _torchrun(files, tmp_path, [_generate(files, files / "digit.png"), other])
+    res, errs, seconds = _torchrun(files, tmp_path, _mismatched(files))
     assert res.returncode != 0
     _same_line_on_every_rank(errs, "ranks disagree on prompt")
     assert "Traceback" not in errs[0] + errs[1] and seconds < 120

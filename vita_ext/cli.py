@@ -138,7 +138,7 @@ def _together(run) -> int:
             failure = watch.publish(exc)
             if failure.rank == watch.rank and not isinstance(exc, USER_ERRORS + (RankFailure,)):
                 traceback.print_exc()  # a bug: its traceback, on the rank where it happened
-            exit_on_failure(failure, watch.acknowledge if failure.rank != watch.rank else None)
+            exit_on_failure(failure, watch.acknowledge)  # every rank waits until every line is out
     shutdown_distributed()
     return code
 

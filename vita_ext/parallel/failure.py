@@ -12,10 +12,11 @@ Two pieces, for the two phases of a run:
   the process group's key-value store (the TCPStore torchrun set up) and waits a moment for the
   others to acknowledge; every rank runs a daemon thread that polls the store and hands a published
   failure to ``on_failure`` (the CLI prints the line and exits), even while its main thread is
-  blocked in a collective. The first failure published wins, so all ranks report the same one. A rank
-  acknowledges only after it has printed the reason: the winner exits once every rank has, and
-  torchrun, which stops the other ranks when one exits with an error, can no longer cut a rank off
-  before its line is out.
+  blocked in a collective. The first failure published wins, so all ranks report the same one. Every
+  rank, the winner included, acknowledges after it has printed the reason and then waits until every
+  rank has: torchrun stops the other ranks as soon as one exits with an error, so a rank that left
+  before a peer's line was out could cut it off (two ranks that both raised the same agreed failure
+  lost one line that way under load).
 
 A rank killed outright (SIGKILL, a segfault) cannot publish; its peers then fail in their next
 collective (gloo reports the closed connection at once) and ``torchrun`` stops the rest.
@@ -120,11 +121,11 @@ class FailureWatch:
     """Publish a failure to every rank and hear of theirs (see the module docstring).
 
     on_failure(failure): called once, from the watch thread, when ANOTHER rank published a failure;
-        it should report it, call ``acknowledge()``, and stop the process (the CLI's
+        it should report it, call ``acknowledge()`` (which waits for every rank's), and stop the process (the CLI's
         ``exit_on_failure(failure, watch.acknowledge)`` prints ``failure.reason``, acknowledges and exits
         with its exit_code); if it returns, the watch acknowledges.
-    poll_s: how often the store is polled; grace_s: how long ``publish`` waits for the other ranks to
-    acknowledge (they have printed the reason by then). The watch is inert without a process group.
+    poll_s: how often the store is polled; grace_s: how long ``acknowledge`` waits for the other ranks
+    to acknowledge (they have printed the reason by then). The watch is inert without a process group.
     """
 
     def __init__(self, on_failure: Callable[[RankFailure], None], group=None, poll_s: float = 0.1,
@@ -172,21 +173,24 @@ class FailureWatch:
             return
 
     def acknowledge(self) -> None:
-        """Tell the rank whose failure won that this rank has reported it (once; call it after printing
-        the reason: the winner exits when every other rank has acknowledged, or after ``grace_s``)."""
+        """Call once this rank has printed the reason: count it, then wait (up to ``grace_s``) until
+        every rank of the group has, so that no rank exits -- and makes torchrun stop the rest -- before
+        every line is out. A rank that died without acknowledging costs the others ``grace_s``."""
         if self._acked or self.store is None or self.world == 1:
             return
         self._acked = True
         try:
             self.store.add(self.key + "/ack", 1)
-        except Exception:  # noqa: BLE001 - the store is gone: so is the rank that waited for this
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline and self.store.add(self.key + "/ack", 0) < self.world:
+                time.sleep(self.poll_s / 2)
+        except Exception:  # noqa: BLE001 - the store is gone: so are the ranks it would wait for
             pass
 
     def publish(self, exc: BaseException) -> RankFailure:
         """Report ``exc`` (raised on this rank) to every rank and return the failure every rank reports:
-        this one, or another rank's that was published first (then the caller reports it and calls
-        ``acknowledge()``). The rank whose failure wins waits up to ``grace_s`` for the others to
-        acknowledge. Without a store (or alone) it only builds the RankFailure."""
+        this one, or another rank's that was published first. Either way the caller then prints it and
+        calls ``acknowledge()``. Without a store (or alone) it only builds the RankFailure."""
         failure = failure_from(exc, self.rank)
         if self.store is None or self.world == 1:
             return failure
@@ -195,10 +199,6 @@ class FailureWatch:
             return self.failure or failure
         try:
             failure = RankFailure.decode(self.store.compare_set(self.key, "", failure.encode()))
-            if failure.rank == self.rank:
-                deadline = time.monotonic() + self.grace_s
-                while time.monotonic() < deadline and self.store.add(self.key + "/ack", 0) < self.world - 1:
-                    time.sleep(self.poll_s / 2)
         except Exception:  # noqa: BLE001 - the store is gone: so are the other ranks
             pass
         self.failure = failure
@@ -208,7 +208,7 @@ class FailureWatch:
 
 def exit_on_failure(failure: RankFailure, acknowledge: Callable[[], None] | None = None) -> None:
     """``on_failure`` for command-line tools: print the reason as one line, then ``acknowledge()``
-    (``FailureWatch.acknowledge``: the line is out), and end the process now (the main thread may be
+    (``FailureWatch.acknowledge``: the line is out; it returns when every rank's is), and end the process now (the main thread may be
     blocked in a collective, so nothing can unwind it)."""
     print(f"vita-ext: error: {failure.reason}", file=sys.stderr, flush=True)
     sys.stdout.flush()

@@ -19,7 +19,9 @@
 //             weight costs no dW GEMM and no [V, H] buffer.
 //   grad_in_forward: row chunks outer over the whole vocabulary: tile = h_r @ W^T ([mr, V]), its lse,
 //             dl in place, dH_r = dl @ W, dW += dl^T @ h_r; the backward only scales the stored
-//             gradients by grad_loss.
+//             gradients by grad_loss. A bf16/fp16 tile row takes one exp per logit, not two: the sum
+//             pass keeps exp(x - max) in a float row, which scaled by g / sum is the softmax term
+//             (rows::softmax_grad_row; the row passes were ~60% of the op at the digits step's shape).
 // One parallel region with per-thread GEMMs instead of many short multi-threaded ones: no barrier per
 // tile, which matters most on a busy machine.
 // Cost (FLOPs), per gradient asked for: forward 2*M*H*V; backward 2*M*H*V (logits recomputed) +
@@ -30,7 +32,7 @@
 //   P * e*mr*vc (tiles, <= 32 MB each) + e*M*H (h_sup) + P * 4*M*H (dH accumulators) + P * 4*vc*H (dW
 //   chunk accumulators) + P * e*vc*H (weight chunks, when the GEMM dtype differs) + O(M) row statistics.
 //   grad_in_forward: e*mr*V (tile, <= 128 MB) + 4*V*H (dW accumulator, when M > mr) + e*V*H (the weight,
-//   when the GEMM dtype differs).
+//   when the GEMM dtype differs) + P * 4*V (the float exp rows of bf16/fp16 tiles).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,6 +43,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/cpu_gemm.h"
 #include "cpu/row_kernels.h"
@@ -111,6 +114,28 @@ struct Stats {
         run_sum(at::zeros({M}, acc_opts)),
         target(at::full({M}, std::numeric_limits<double>::quiet_NaN(), acc_opts)) {}
 };
+
+// Stats of the rows of a bf16/fp16 [mr, V] tile (rows r0.. of the step) and the tile made its gradient,
+// with one exp per element (rows::softmax_grad_row; exps: get_num_threads() * V floats of scratch).
+template <typename tile_t>
+void fused_softmax_grad(at::Tensor& tile, const int64_t* labels, const float* g, Stats& st, int64_t r0,
+                        at::Tensor& exps) {
+  const int64_t mr = tile.size(0), V = tile.size(1);
+  tile_t* t = tile.data_ptr<tile_t>();
+  float* run_max = st.run_max.data_ptr<float>() + r0;
+  float* run_sum = st.run_sum.data_ptr<float>() + r0;
+  float* target = st.target.data_ptr<float>() + r0;
+  at::parallel_for(0, mr, 1, [&](int64_t begin, int64_t end) {
+    float* e = exps.data_ptr<float>() + at::get_thread_num() * V;
+    for (int64_t i = begin; i < end; ++i) {
+      tile_t* row = t + i * V;
+      if (labels[i] >= 0 && labels[i] < V) target[i] = static_cast<float>(row[labels[i]]);
+      double sum;
+      rows::softmax_grad_row(row, V, e, g[i], labels[i], run_max[i], sum);
+      run_sum[i] = static_cast<float>(sum);
+    }
+  });
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -243,16 +268,22 @@ Grads forward_with_grad(const at::Tensor& h, const at::Tensor& weight, const at:
   auto dw_acc = need_dw && (multi || gd != weight.scalar_type()) ? at::empty({V, H}, acc_opts) : out.dw;
   auto buf = at::empty({rchunk * V}, h.options());
   auto scratch = at::empty({need_dw && multi ? V * H : 0}, h.options());
+  const bool half_tile = std::is_same_v<tile_t, at::BFloat16> || std::is_same_v<tile_t, at::Half>;
+  auto row_exps = at::empty({half_tile ? at::get_num_threads() * V : 0}, h.options().dtype(at::kFloat));
   const int64_t* lab = labels.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < M; r0 += rchunk) {
     const int64_t mr = std::min(rchunk, M - r0);
     const auto hr = h.narrow(0, r0, mr);
     auto tile = buf.narrow(0, 0, mr * V).view({mr, V});
     at::mm_out(tile, hr, w.t());
-    online_lse_update<tile_t, acc_t>(tile, lab + r0, 0, st.run_max.data_ptr<acc_t>() + r0,
-                                     st.run_sum.data_ptr<acc_t>() + r0, st.target.data_ptr<acc_t>() + r0);
-    const auto lse = mlce::lse_of(st.run_max.narrow(0, r0, mr), st.run_sum.narrow(0, r0, mr)).contiguous();
-    softmax_grad_inplace<tile_t, acc_t>(tile, lab + r0, 0, lse.data_ptr<double>(), g.data_ptr<acc_t>() + r0);
+    if constexpr (std::is_same_v<tile_t, at::BFloat16> || std::is_same_v<tile_t, at::Half>) {
+      fused_softmax_grad<tile_t>(tile, lab + r0, g.data_ptr<float>() + r0, st, r0, row_exps);
+    } else {
+      online_lse_update<tile_t, acc_t>(tile, lab + r0, 0, st.run_max.data_ptr<acc_t>() + r0,
+                                       st.run_sum.data_ptr<acc_t>() + r0, st.target.data_ptr<acc_t>() + r0);
+      const auto lse = mlce::lse_of(st.run_max.narrow(0, r0, mr), st.run_sum.narrow(0, r0, mr)).contiguous();
+      softmax_grad_inplace<tile_t, acc_t>(tile, lab + r0, 0, lse.data_ptr<double>(), g.data_ptr<acc_t>() + r0);
+    }
     if (need_dh) {
       auto dst = out.dh.narrow(0, r0, mr);
       if (gd == hidden_dtype) {

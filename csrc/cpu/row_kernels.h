@@ -30,6 +30,14 @@ void softmax_grad(c10::BFloat16* x, int64_t n, double lse, float g, int64_t col)
 void softmax_grad(c10::Half* x, int64_t n, double lse, float g, int64_t col);
 void softmax_grad(double* x, int64_t n, double lse, double g, int64_t col);
 
+// Cross-entropy with its gradient in the forward pass, one bf16/fp16 row over the WHOLE vocabulary:
+// max and sum as max_sumexp (the same values), then x_j <- g * (e_j / sum - [j == col]) in place, where
+// e_j = exp(x_j - max) is kept from the sum pass in the float scratch e (n floats): one exp per element
+// instead of max_sumexp's plus softmax_grad's. x[col] is formed from exp(x_col - lse) as in softmax_grad.
+// A row of -inf only (max -inf, sum 0) becomes NaN, as softmax_grad makes it.
+void softmax_grad_row(c10::BFloat16* x, int64_t n, float* e, float g, int64_t col, float& max, double& sum);
+void softmax_grad_row(c10::Half* x, int64_t n, float* e, float g, int64_t col, float& max, double& sum);
+
 // LayerNorm of one row of K elements given as `parts` runs of `run` elements each (the pixel shuffle's
 // four C-long runs): out = (v - mean) * rstd * w + b, with v the concatenated runs. Statistics in
 // float (double for double), two passes (mean, then centred variance). scratch: K floats (doubles).

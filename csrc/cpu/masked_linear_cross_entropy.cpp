@@ -268,7 +268,7 @@ Grads forward_with_grad(const at::Tensor& h, const at::Tensor& weight, const at:
   auto dw_acc = need_dw && (multi || gd != weight.scalar_type()) ? at::empty({V, H}, acc_opts) : out.dw;
   auto buf = at::empty({rchunk * V}, h.options());
   auto scratch = at::empty({need_dw && multi ? V * H : 0}, h.options());
-  const bool half_tile = std::is_same_v<tile_t, at::BFloat16> || std::is_same_v<tile_t, at::Half>;
+  constexpr bool half_tile = std::is_same_v<tile_t, at::BFloat16> || std::is_same_v<tile_t, at::Half>;
   auto row_exps = at::empty({half_tile ? at::get_num_threads() * V : 0}, h.options().dtype(at::kFloat));
   const int64_t* lab = labels.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < M; r0 += rchunk) {
@@ -276,7 +276,7 @@ Grads forward_with_grad(const at::Tensor& h, const at::Tensor& weight, const at:
     const auto hr = h.narrow(0, r0, mr);
     auto tile = buf.narrow(0, 0, mr * V).view({mr, V});
     at::mm_out(tile, hr, w.t());
-    if constexpr (std::is_same_v<tile_t, at::BFloat16> || std::is_same_v<tile_t, at::Half>) {
+    if constexpr (half_tile) {
       fused_softmax_grad<tile_t>(tile, lab + r0, g.data_ptr<float>() + r0, st, r0, row_exps);
     } else {
       online_lse_update<tile_t, acc_t>(tile, lab + r0, 0, st.run_max.data_ptr<acc_t>() + r0,

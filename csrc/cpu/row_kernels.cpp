@@ -182,18 +182,8 @@ VITA_INLINE void softmax_grad_row_impl(T* x, int64_t n, float* e, float g, int64
                                        double& sum_out) {
   const bool has_col = col >= 0 && col < n;
   const float at_col = has_col ? to_f(x[col]) : 0.0f;
-  float m = -std::numeric_limits<float>::infinity();
-  VITA_SIMD_MAX(m)
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = to_f(x[j]);
-    e[j] = v;
-    m = m > v ? m : v;
-  }
-  if (m == -std::numeric_limits<float>::infinity()) {  // as row_max: a NaN the SIMD max dropped
-    for (int64_t j = 0; j < n; ++j) {
-      if (e[j] != e[j]) m = e[j];
-    }
-  }
+  for (int64_t j = 0; j < n; ++j) e[j] = to_f(x[j]);
+  const float m = row_max(e, n);
   max_out = m;
   if (m == -std::numeric_limits<float>::infinity()) {  // every logit -inf: exp(-inf - lse) is NaN there
     sum_out = 0.0;

@@ -23,7 +23,7 @@
    generation config and the processor config.
 
 The shipped asset is this recipe's stage-4 model (benchmarks/RESULTS.md, section 9: it reads 16 frames
-at 96.2% per digit and 64 at 85.5%; 256 frames and finding a frame are not learned yet, section 9b).
+at 97.5% per digit and 64 at 91.0%; 256 frames and finding a frame are not learned yet, section 9b).
 
 Settings that differ from the paper's presets (a 10M-parameter model trained from scratch on CPU,
 not a pretrained 14B one): the text-only stage 0 in front; sequence lengths, learning rates and steps

@@ -71,10 +71,10 @@ STAGES = {
     # ladder on images, then on to 128 and 256 frames, long on 16-256 (a prototype reading word lists
     # climbed at 128-256 only over thousands of steps, RESULTS.md 9b); stage 4 trains on 2-256 frames
     # at a lower learning rate (v5 ended stage 3 at 64 frames and lost 13 points at 64 in stage 4's
-    # 256-frame sequences, which it could not read); 1200 steps on 16-256, not v6's 2800 (256 frames stayed
-    # at chance after 2800 in v6-v8, and the 1600 steps cost ~25 min). Sequences are numbered from 001 (v7 numbered the
-    # image sequences of stages 3-4 from a random start, max_label=256: 64 frames read at 96.5%, but
-    # videos at 44% / 21% at 16 / 64 frames, so it was not shipped; benchmarks/RESULTS.md 9b)
+    # 256-frame sequences, which it could not read). v9: 1200 steps on 16-256, not v6's 2800 (256 frames
+    # stayed at chance after 2800 in v6-v8, and the 1600 steps cost ~20 min here). Sequences are numbered
+    # from 001 (v7 numbered the image sequences of stages 3-4 from a random start, max_label=256: 64
+    # frames read at 96.5%, but videos at 44% / 21% at 16 / 64 frames, so it was not shipped; RESULTS 9b)
     3: (dict(seq_len=2048, lr=1e-3, min_lr=1e-5, packing="reset"),
         Mix(phases=(Phase(1, 16, 250), Phase(1, 32, 200), Phase(2, 64, 700), Phase(8, 128, 1200),
                     Phase(16, 256, 1200)), find_share=0.1, video_share=0.2, single_share=0.1)),
